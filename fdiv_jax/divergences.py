@@ -1,0 +1,290 @@
+"""f-divergences D_f(π‖p) written in the log density ratio ℓ = log t = log π − log p.
+
+For a convex f with f(1) = 0,
+
+    D_f(π‖p) = E_{x~p}[ f(π(x)/p(x)) ] = Σ_x p(x) f(t(x)),   t = π/p = exp(ℓ).
+
+Every function here takes ℓ (not t) so that ratios far outside the float range
+stay exact: each f and f' is written with `expm1`, `softplus`, `sinh` so that it is
+accurate for |ℓ| ≤ 700 in float64 and |ℓ| ≤ 80 in float32 (values that truly
+overflow come out as ±inf, never NaN). ℓ = ±inf (π = 0 or p = 0) gives the limit.
+
+| name           | D_f(π‖p)             | f(t)                                   | f'(t)                  |
+|----------------|----------------------|----------------------------------------|------------------------|
+| `forward_kl`   | KL(p‖π)              | −log t                                 | −1/t                   |
+| `reverse_kl`   | KL(π‖p)              | t log t                                | log t + 1              |
+| `tv`           | ½ Σ|π − p|           | ½|t − 1|                               | ½ sign(t − 1)          |
+| `js`           | ½KL(π‖m) + ½KL(p‖m)  | ½[t log t − (t+1) log((t+1)/2)]        | ½ log(2t/(1+t))        |
+| `pearson_chi2` | Σ (π − p)²/p         | (t − 1)²                               | 2(t − 1)               |
+| `neyman_chi2`  | Σ (p − π)²/π         | (t − 1)²/t                             | 1 − t⁻²                |
+| `hellinger`    | Σ (√π − √p)²         | (√t − 1)²                              | 1 − t^(−1/2)           |
+| `alpha`        | Amari α (α ∉ {0, 1}) | (t^α − αt − (1−α))/(α(α−1))            | (t^(α−1) − 1)/(α−1)    |
+
+m = (π + p)/2; JS is the standard one, bounded by log 2. The f-DPG pseudo-reward is
+R(x) = −f'(t(x)) (Go et al., "Aligning Language Models with Preferences through
+f-divergence Minimization", ICML 2023, arXiv 2302.08215).
+
+This module imports only JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_LOG2 = math.log(2.0)
+_INF = math.inf
+
+
+class _Spec(NamedTuple):
+  """Formulas of one divergence, in ℓ = log t, with the limits at t = 0 and t = ∞."""
+  f: Callable[[Array, float | None], Array]        # f(t) for finite ℓ
+  f_prime: Callable[[Array, float | None], Array]  # f'(t) for finite ℓ
+  f_at_zero: Callable[[float | None], float]       # lim_{t→0} f(t)
+  f_at_inf: Callable[[float | None], float]        # lim_{t→∞} f(t)
+  f_prime_at_zero: Callable[[float | None], float]  # lim_{t→0} f'(t)
+  f_prime_at_inf: Callable[[float | None], float]   # lim_{t→∞} f'(t) = lim f(t)/t
+
+
+def _const(value: float) -> Callable[[float | None], float]:
+  return lambda alpha: value
+
+
+def _js_f(l, _):
+  # ½[t log(2t/(1+t)) + log(2/(1+t))], with log(2t/(1+t)) = log 2 − softplus(−ℓ)
+  # and log(2/(1+t)) = log 2 − softplus(ℓ).
+  return 0.5 * (jnp.exp(l) * (_LOG2 - jax.nn.softplus(-l))
+                + (_LOG2 - jax.nn.softplus(l)))
+
+
+def _scaled_expm1(x, scale):
+  """expm1(x)/scale without overflowing first when |scale| > 1.
+
+  For |x| ≥ 1 it is sign(scale)·exp(x − log|scale|) − 1/scale, which has no
+  cancellation there; below, expm1(x)/scale is exact.
+  """
+  small = jnp.abs(x) < 1.0
+  direct = jnp.expm1(jnp.where(small, x, 0.0)) / scale
+  shifted = (math.copysign(1.0, scale) * jnp.exp(jnp.where(small, 0.0, x)
+                                                 - math.log(abs(scale))) - 1.0 / scale)
+  return jnp.where(small, direct, shifted)
+
+
+def _alpha_f(l, alpha):
+  # (t^α − αt − (1 − α))/(α(α−1)) = expm1(αℓ)/(α(α−1)) − expm1(ℓ)/(α−1).
+  return (_scaled_expm1(alpha * l, alpha * (alpha - 1.0))
+          - _scaled_expm1(l, alpha - 1.0))
+
+
+def _alpha_f_at_zero(alpha):
+  return 1.0 / alpha if alpha > 0 else _INF
+
+
+def _alpha_f_prime_at_zero(alpha):
+  return -1.0 / (alpha - 1.0) if alpha > 1 else -_INF
+
+
+def _alpha_f_prime_at_inf(alpha):
+  return _INF if alpha > 1 else 1.0 / (1.0 - alpha)
+
+
+_SPECS: dict[str, _Spec] = {
+    "forward_kl": _Spec(
+        f=lambda l, _: -l,
+        f_prime=lambda l, _: -jnp.exp(-l),
+        f_at_zero=_const(_INF), f_at_inf=_const(-_INF),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.0)),
+    "reverse_kl": _Spec(
+        f=lambda l, _: jnp.exp(l) * l,
+        f_prime=lambda l, _: l + 1.0,
+        f_at_zero=_const(0.0), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(_INF)),
+    "tv": _Spec(
+        f=lambda l, _: 0.5 * jnp.abs(jnp.expm1(l)),
+        f_prime=lambda l, _: 0.5 * jnp.sign(l),
+        f_at_zero=_const(0.5), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-0.5), f_prime_at_inf=_const(0.5)),
+    "js": _Spec(
+        f=_js_f,
+        f_prime=lambda l, _: 0.5 * (_LOG2 - jax.nn.softplus(-l)),
+        f_at_zero=_const(0.5 * _LOG2), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.5 * _LOG2)),
+    "pearson_chi2": _Spec(
+        f=lambda l, _: jnp.square(jnp.expm1(l)),
+        f_prime=lambda l, _: 2.0 * jnp.expm1(l),
+        f_at_zero=_const(1.0), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-2.0), f_prime_at_inf=_const(_INF)),
+    "neyman_chi2": _Spec(
+        # (t − 1)²/t = t − 2 + 1/t = 4 sinh²(ℓ/2).
+        f=lambda l, _: 4.0 * jnp.square(jnp.sinh(0.5 * l)),
+        f_prime=lambda l, _: -jnp.expm1(-2.0 * l),
+        f_at_zero=_const(_INF), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0)),
+    "hellinger": _Spec(
+        f=lambda l, _: jnp.square(jnp.expm1(0.5 * l)),
+        f_prime=lambda l, _: -jnp.expm1(-0.5 * l),
+        f_at_zero=_const(1.0), f_at_inf=_const(_INF),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0)),
+    "alpha": _Spec(
+        f=_alpha_f,
+        f_prime=lambda l, alpha: _scaled_expm1((alpha - 1.0) * l, alpha - 1.0),
+        f_at_zero=_alpha_f_at_zero, f_at_inf=_const(_INF),
+        f_prime_at_zero=_alpha_f_prime_at_zero,
+        f_prime_at_inf=_alpha_f_prime_at_inf),
+}
+
+_ALIASES = {"kl": "forward_kl", "rkl": "reverse_kl", "jensen_shannon": "js",
+            "total_variation": "tv"}
+
+NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def _with_limits(formula, at_neg_inf: float, at_pos_inf: float, log_t: Array,
+                 alpha: float | None) -> Array:
+  """Evaluates `formula` at finite ℓ and the given limits at ℓ = ±inf.
+
+  The double `where` keeps gradients finite: the formula never sees an infinite
+  argument, so no NaN leaks into the cotangent of the branch that is not taken.
+  """
+  log_t = jnp.asarray(log_t)
+  if not jnp.issubdtype(log_t.dtype, jnp.floating):
+    log_t = log_t.astype(jnp.float32)
+  finite = jnp.isfinite(log_t)
+  safe = jnp.where(finite, log_t, jnp.zeros_like(log_t))
+  value = formula(safe, alpha)
+  limit = jnp.where(log_t > 0, jnp.asarray(at_pos_inf, log_t.dtype),
+                    jnp.asarray(at_neg_inf, log_t.dtype))
+  # NaN in ℓ propagates as NaN (garbage in, visible garbage out).
+  return jnp.where(finite | jnp.isnan(log_t), value, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+  """An f-divergence, a small immutable (hashable, jit-static) record.
+
+  Attributes:
+    name: one of `NAMES` ("forward_kl", "reverse_kl", "tv", "js", "pearson_chi2",
+      "neyman_chi2", "hellinger", "alpha").
+    alpha: the parameter of the Amari α-divergence (only for name == "alpha").
+
+  All methods are elementwise in ℓ = log t = log π(x) − log p(x) (any shape, any
+  float dtype) and work under `jit`, `vmap` and `grad`.
+  """
+  name: str
+  alpha: float | None = None
+
+  @property
+  def _spec(self) -> _Spec:
+    return _SPECS[self.name]
+
+  def f(self, log_t: Array) -> Array:
+    """f(t) at t = exp(log_t); the limits f(0), f(∞) at log_t = ∓inf."""
+    s = self._spec
+    return _with_limits(s.f, s.f_at_zero(self.alpha), s.f_at_inf(self.alpha),
+                        log_t, self.alpha)
+
+  def f_prime(self, log_t: Array) -> Array:
+    """f'(t) at t = exp(log_t); the limits f'(0), f'(∞) at log_t = ∓inf."""
+    s = self._spec
+    return _with_limits(s.f_prime, s.f_prime_at_zero(self.alpha),
+                        s.f_prime_at_inf(self.alpha), log_t, self.alpha)
+
+  def pseudo_reward(self, log_t: Array) -> Array:
+    """The f-DPG pseudo-reward R = −f'(t): REINFORCE on R descends D_f(π‖p)."""
+    return -self.f_prime(log_t)
+
+  @property
+  def f_at_zero(self) -> float:
+    """f(0) = lim_{t→0} f(t): the contribution p·f(0) of a point where π = 0."""
+    return self._spec.f_at_zero(self.alpha)
+
+  @property
+  def f_prime_at_inf(self) -> float:
+    """lim_{t→∞} f(t)/t = f'(∞): a point with p = 0 contributes π·f'(∞)."""
+    return self._spec.f_prime_at_inf(self.alpha)
+
+  @property
+  def is_bounded(self) -> bool:
+    """True when D_f(π‖p) is finite for every pair π, p (f(0), f'(∞) finite)."""
+    return math.isfinite(self.f_at_zero) and math.isfinite(self.f_prime_at_inf)
+
+  def __str__(self) -> str:
+    return self.name if self.alpha is None else f"alpha({self.alpha:g})"
+
+
+def get(name: str, **params) -> Divergence:
+  """Returns the divergence called `name`.
+
+  Args:
+    name: "forward_kl" (alias "kl"), "reverse_kl" ("rkl"), "js", "tv",
+      "pearson_chi2", "neyman_chi2", "hellinger", or "alpha".
+    **params: `alpha=<float>` for "alpha" (any real except 0 and 1, which are the
+      forward and reverse KL limits); nothing for the others.
+
+  Raises:
+    ValueError: unknown name, missing/invalid alpha, or an unexpected parameter.
+  """
+  if isinstance(name, Divergence):
+    return name
+  key = _ALIASES.get(name, name)
+  if key not in _SPECS:
+    valid = ", ".join(list(NAMES) + [f"{a} (= {k})" for a, k in _ALIASES.items()])
+    raise ValueError(f"Unknown divergence {name!r}; valid names: {valid}.")
+  if key != "alpha":
+    if params:
+      raise ValueError(f"Divergence {key!r} takes no parameters, got {sorted(params)}.")
+    return Divergence(key)
+  unknown = set(params) - {"alpha"}
+  if unknown:
+    raise ValueError(f"Divergence 'alpha' takes only 'alpha', got {sorted(unknown)}.")
+  if "alpha" not in params or params["alpha"] is None:
+    raise ValueError("Divergence 'alpha' needs a parameter alpha=<float>, "
+                     "any real number except 0 and 1.")
+  alpha = float(params["alpha"])
+  if not math.isfinite(alpha) or alpha in (0.0, 1.0):
+    raise ValueError(f"alpha must be a finite real number other than 0 and 1 (got "
+                     f"{params['alpha']!r}); alpha -> 0 is 'forward_kl' and "
+                     f"alpha -> 1 is 'reverse_kl'.")
+  return Divergence("alpha", alpha)
+
+
+def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
+  """Exact D_f(π‖p) = Σ_x p(x) f(π(x)/p(x)) over a finite support.
+
+  Points where p = 0 contribute the limit π·f'(∞) (+inf for reverse KL, Pearson χ²
+  and α > 1 when π > 0 there); points where π = 0 contribute p·f(0); points where
+  both vanish contribute 0. Differentiable in `log_pi` wherever the value is finite.
+
+  Args:
+    d: a `Divergence` or its name.
+    log_pi: [..., K] normalised log-probabilities of π (−inf allowed).
+    log_p: [..., K] normalised log-probabilities of p (−inf allowed).
+
+  Returns:
+    [...]: the divergence, summed over the last axis.
+  """
+  d = get(d) if isinstance(d, str) else d
+  log_pi, log_p = jnp.broadcast_arrays(jnp.asarray(log_pi), jnp.asarray(log_p))
+  dtype = jnp.result_type(log_pi.dtype, log_p.dtype, jnp.float32)
+  log_pi, log_p = log_pi.astype(dtype), log_p.astype(dtype)
+  p_pos = log_p > -jnp.inf
+  pi_pos = log_pi > -jnp.inf
+  safe_log_p = jnp.where(p_pos, log_p, 0.0)
+  safe_log_pi = jnp.where(pi_pos, log_pi, 0.0)
+  # p > 0: p·f(t), with t = 0 (π = 0) handled by f's own limit.
+  log_t = jnp.where(pi_pos, safe_log_pi, -jnp.inf) - safe_log_p
+  on_support = jnp.exp(safe_log_p) * d.f(log_t)
+  # p = 0 < π: π·f'(∞). Where f'(∞) = inf, write the inf only where π > 0.
+  slope = d.f_prime_at_inf
+  if math.isfinite(slope):
+    off_support = jnp.exp(safe_log_pi) * slope
+  else:
+    off_support = jnp.full_like(log_pi, slope)
+  off_support = jnp.where(pi_pos, off_support, 0.0)
+  terms = jnp.where(p_pos, on_support, off_support)
+  return jnp.sum(terms, axis=-1)
