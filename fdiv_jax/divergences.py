@@ -154,13 +154,13 @@ def _with_limits(formula, at_neg_inf: float, at_pos_inf: float, log_t: Array,
   log_t = jnp.asarray(log_t)
   if not jnp.issubdtype(log_t.dtype, jnp.floating):
     log_t = log_t.astype(jnp.float32)
-  finite = jnp.isfinite(log_t)
-  safe = jnp.where(finite, log_t, jnp.zeros_like(log_t))
+  infinite = jnp.isinf(log_t)
+  # NaN in ℓ stays NaN (garbage in, visible garbage out).
+  safe = jnp.where(infinite, jnp.zeros_like(log_t), log_t)
   value = formula(safe, alpha)
   limit = jnp.where(log_t > 0, jnp.asarray(at_pos_inf, log_t.dtype),
                     jnp.asarray(at_neg_inf, log_t.dtype))
-  # NaN in ℓ propagates as NaN (garbage in, visible garbage out).
-  return jnp.where(finite | jnp.isnan(log_t), value, limit)
+  return jnp.where(infinite, limit, value)
 
 
 @dataclasses.dataclass(frozen=True)

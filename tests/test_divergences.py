@@ -273,3 +273,9 @@ def test_properties_nonnegative_zero_iff_equal_jit_and_dtypes(logits, d):
   value32 = float(divergences.exact(d, log_pi.astype(jnp.float32),
                                     log_p.astype(jnp.float32)))
   assert value32 == pytest.approx(value, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("d", ALL, ids=IDS)
+def test_nan_input_stays_visible(d):
+  assert np.isnan(float(d.f(jnp.float32(jnp.nan))))
+  assert np.isnan(float(d.f_prime(jnp.float32(jnp.nan))))
