@@ -1,0 +1,117 @@
+"""Device meshes and shardings for the train step (`jax.sharding`, `jit`).
+
+A 2-D mesh with axes ("data", "fsdp"):
+
+  - the batch (prompts, and so every sample drawn from them) is split over both
+    axes: every device generates and scores B / (data·fsdp) sequences;
+  - parameters, the base model, the proposal, the EMA copy and the optimiser's
+    moments are replicated over "data" and, when fsdp > 1, split over "fsdp"
+    along their largest dimension divisible by it (ZeRO-3 / FSDP style; XLA
+    inserts the all-gathers and reduce-scatters);
+  - scalars and small state (log Ẑ, baseline, RNG, counters) are replicated.
+
+The step is compiled once by `jit_train_step` with these `in_shardings` /
+`out_shardings` and the state donated. Sampling uses JAX's partitionable
+threefry, so the samples (and hence the update) do not depend on the number of
+devices.
+
+Several hosts (a TPU slice, several GPU hosts): call `maybe_initialize_distributed()`
+first, before any other JAX call. It runs `jax.distributed.initialize()` when the
+environment describes a multi-process job (Cloud TPU sets it up by itself; for
+GPUs set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or
+launch under SLURM / Open MPI, which JAX detects), then build the mesh over
+`jax.devices()` (all hosts' devices). Every host runs the same program and feeds
+its share of the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+                  "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed() -> bool:
+  """`jax.distributed.initialize()` when the environment describes several hosts."""
+  if any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get(
+      "FDIV_JAX_SINGLE_HOST") != "1":
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp") mesh; data = -1 takes every device not used by fsdp."""
+  devices = list(jax.devices() if devices is None else devices)
+  if fsdp < 1:
+    raise ValueError(f"mesh_fsdp must be >= 1, got {fsdp}.")
+  if data == -1:
+    if len(devices) % fsdp:
+      raise ValueError(f"mesh_fsdp={fsdp} does not divide the {len(devices)} devices.")
+    data = len(devices) // fsdp
+  if data < 1 or data * fsdp > len(devices):
+    raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} needs {data * fsdp} "
+                     f"devices; {len(devices)} available.")
+  grid = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
+  return Mesh(grid, (DATA, FSDP))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device of the mesh."""
+  return NamedSharding(mesh, P((DATA, FSDP)))
+
+
+def _leaf_spec(x: Any, fsdp: int) -> P:
+  shape = getattr(x, "shape", ())
+  if fsdp == 1 or len(shape) == 0:
+    return P()
+  # Split the largest dimension divisible by the fsdp axis; small arrays stay
+  # replicated (sharding them costs more in collectives than it saves).
+  if int(np.prod(shape)) < 1024:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for axis in order:
+    if shape[axis] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[axis] = FSDP
+      return P(*spec)
+  return P()
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+  """A sharding for every leaf of the train state (see the module docstring)."""
+  fsdp = mesh.shape[FSDP]
+  return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x, fsdp)), state)
+
+
+def shard_state(state: Any, mesh: Mesh) -> Any:
+  """Places a (host or single-device) state onto the mesh."""
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+
+
+def jit_train_step(step_fn, state: Any, mesh: Mesh):
+  """`jax.jit` of the step with explicit shardings; the input state is donated."""
+  state_sharding = state_shardings(state, mesh)
+  batch_spec = batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, in_shardings=(state_sharding, batch_spec),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, state: Any, mesh: Mesh):
+  state_sharding = state_shardings(state, mesh)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(eval_fn, in_shardings=(state_sharding, batch_sharding(mesh),
+                                        replicated), out_shardings=replicated)

@@ -1,0 +1,135 @@
+"""The jitted f-DPG step: it learns (measured exactly), compiles once, skips NaNs."""
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import toy_task
+from fdiv_jax import features, targets
+from fdiv_jax.train import sharding
+from fdiv_jax.train import state as state_lib
+from fdiv_jax.train import step as step_lib
+
+
+def run(task, config, num_steps):
+  mesh = sharding.make_mesh()
+  state = sharding.shard_state(state_lib.create_state(
+      config, task.model, task.params, task.base_params), mesh)
+  step_fn = sharding.jit_train_step(
+      step_lib.make_train_step(config, task.model, task.target, task.sampler),
+      state, mesh)
+  batch = task.batch(0, config.batch_size)
+  metrics = None
+  for _ in range(num_steps):
+    state, metrics = step_fn(state, batch)
+  return state, metrics, step_fn
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "js", "tv"])
+def test_online_fdpg_halves_the_exact_divergence(divergence):
+  config = toy_task.toy_config(divergence=divergence)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  before = task.exact(task.params).divergences[divergence]
+  state, metrics, _ = run(task, config, 250)
+  after = task.exact(state.params)
+  assert math.isfinite(before) and before > 0.05
+  assert after.divergences[divergence] <= 0.5 * before, (before, after)
+  # The other divergences to the target fall too, and alignment rises.
+  base = task.exact(task.params)
+  assert after.divergences["tv"] < base.divergences["tv"]
+  assert after.alignment > base.alignment
+  assert all(np.isfinite(v) for v in jax.device_get(metrics).values())
+
+
+def test_pointwise_constraint_is_learned_and_exact_metrics_agree():
+  config = toy_task.toy_config(divergence="js")
+  task = toy_task.ToyTask(config, toy_task.toy_target("pointwise"))
+  base = task.exact(task.params)
+  state, metrics, _ = run(task, config, 250)
+  after = task.exact(state.params)
+  assert after.divergences["js"] <= 0.25 * base.divergences["js"]
+  assert after.alignment > 0.95 > base.alignment
+  # The running Ẑ converges to the exact Z of a·b.
+  assert float(metrics["log_z"]) == pytest.approx(base.log_z, abs=0.02)
+  assert float(metrics["satisfied_fraction"]) > 0.9
+
+
+def test_offline_with_a_stale_proposal_also_decreases():
+  config = toy_task.toy_config(divergence="js", mode="offline",
+                               proposal_update_window=5, proposal_update_metric="tv")
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  before = task.exact(task.params).divergences["js"]
+  state, metrics, _ = run(task, config, 250)
+  after = task.exact(state.params).divergences["js"]
+  assert after <= 0.5 * before
+  # q was replaced by π at least once, and the importance weights were used.
+  assert int(state.num_proposal_updates) >= 1
+  assert "proposal_tv" in metrics
+
+
+def test_step_compiles_once(caplog):
+  config = toy_task.toy_config()
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  state, _, step_fn = run(task, config, 1)
+  batch = task.batch(1, config.batch_size)
+  with caplog.at_level(logging.WARNING), jax.log_compiles():
+    caplog.clear()
+    for _ in range(3):
+      state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+  compiled = [r for r in caplog.records if "Compiling" in r.getMessage()
+              and "step" in r.getMessage()]
+  assert not compiled, [r.getMessage() for r in compiled]
+  assert step_fn._cache_size() == 1
+
+
+def test_non_finite_gradients_are_skipped_and_counted():
+  poison = features.Feature("poison", lambda t, m, c=None: jnp.full(t.shape[:1],
+                                                                    jnp.nan))
+  config = toy_task.toy_config()
+  task = toy_task.ToyTask(config, targets.RewardTarget(poison, beta=1.0))
+  before = jax.device_get(task.params)
+  state, metrics, _ = run(task, config, 2)
+  assert int(metrics["skipped_updates"]) == 2
+  after = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_ema_params_and_grad_accumulation():
+  config = toy_task.toy_config(ema_decay=0.5, grad_accum_steps=2)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  state, _, _ = run(task, config, 1)
+  # One micro-batch: no update yet, EMA unchanged.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(task.params),
+               jax.device_get(state.params))
+  state, _, _ = run(task, config, 2)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       task.params, state.params)
+  assert max(jax.tree.leaves(moved)) > 0
+  expected = jax.tree.map(lambda p0, p: 0.5 * p0 + 0.5 * p, task.params, state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(state.ema_params), jax.device_get(expected))
+
+
+def test_eval_step_metrics_match_exact_values():
+  config = toy_task.toy_config(eval_batch_size=4096)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  mesh = sharding.make_mesh()
+  state = sharding.shard_state(state_lib.create_state(
+      config, task.model, task.params, task.base_params), mesh)
+  exact = task.exact(task.params)
+  # Give the state the exact log Z so only sampling error remains.
+  state = state.replace(log_partition=state.log_partition._replace(
+      log_sum_weights=jnp.array([exact.log_z], jnp.float32),
+      count=jnp.ones((1,), jnp.float32)))
+  eval_fn = jax.jit(step_lib.make_eval_step(config, task.model, task.target,
+                                            task.sampler))
+  m = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(3))
+  assert float(m["kl_from_base"]) == pytest.approx(0.0, abs=1e-5)
+  assert float(m["alignment"]) == pytest.approx(exact.alignment, abs=0.05)
+  for name in ("tv", "js", "forward_kl"):
+    assert float(m[name]) == pytest.approx(exact.divergences[name], abs=0.05), name
