@@ -35,6 +35,7 @@ from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+EvalCallback = Callable[[int, dict[str, float], Any], None]
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class TrainResult:
   step: int                       # the last completed step
   resumed_from: int | None        # the step restored at start, if any
   preempted: bool                 # stopped by SIGTERM/SIGINT
+  stop_signal: str                # "SIGTERM" / "SIGINT" when preempted, else ""
   last_metrics: dict[str, float]  # the last logged training metrics
   last_eval: dict[str, float]     # the last evaluation metrics
   samples_per_second: float       # over the steps run in this process
@@ -67,7 +69,7 @@ def initial_state(config, task, mesh) -> state_lib.FDPGState:
 
 
 def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = None,
-          on_eval: MetricsCallback | None = None,
+          on_eval: EvalCallback | None = None,
           on_step: Callable[[int], None] | None = None,
           num_steps: int | None = None) -> TrainResult:
   """Trains `task` per `config`, checkpointing under `workdir` (see module doc).
@@ -77,8 +79,9 @@ def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = No
     task: the run's pieces (model, params, target, sampler, batches).
     workdir: the run directory; checkpoints go to `workdir/checkpoints`.
     on_metrics: called with (step, host metrics) every `log_every` steps.
-    on_eval: called with (step, host eval metrics) every `eval_every` steps and
-      at the end.
+    on_eval: called with (step, host eval metrics, state) at step 0 of a fresh
+      run, every `eval_every` steps and at the end (the state lets it draw
+      extra samples, e.g. for diversity metrics).
     on_step: called with the completed step number after every step (cheap; for
       progress bars).
     num_steps: stop after this global step (default `config.num_steps`).
@@ -109,7 +112,7 @@ def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = No
     batch = sharding.shard_batch(task.batch(step, config.eval_batch_size), mesh)
     metrics = to_host(eval_fn(state, batch, eval_rng(config.seed, step)))
     if on_eval is not None:
-      on_eval(step, metrics)
+      on_eval(step, metrics, state)
     return metrics
 
   last_metrics: dict[str, float] = {}
@@ -149,5 +152,5 @@ def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = No
     checkpointer.save(step, state, force=True)
   checkpointer.close()
   rate = (timed_steps * config.batch_size / timed_seconds) if timed_seconds else 0.0
-  return TrainResult(state, step, resumed_from, preempted, last_metrics, last_eval,
-                     rate, compile_seconds)
+  return TrainResult(state, step, resumed_from, preempted, guard.signal_name,
+                     last_metrics, last_eval, rate, compile_seconds)

@@ -230,8 +230,8 @@ def make_eval_step(config, model, target, sampler: sampling.SamplerConfig | None
   """`eval_step(state, batch, rng) -> metrics` on fresh on-policy samples x ~ π.
 
   Samples come from the policy itself, untempered (the distribution being
-  evaluated), with log Ẑ from the state; with `use_ema` the Polyak-averaged
-  parameters are evaluated instead.
+  evaluated), with log Ẑ from the state merged with these samples' own
+  estimate; with `use_ema` the Polyak-averaged parameters are evaluated.
   """
   if sampler is None:
     sampler = sampler_from_config(config, config.eos_id, config.pad_id)
@@ -243,7 +243,12 @@ def make_eval_step(config, model, target, sampler: sampling.SamplerConfig | None
         state.params)
     scored = draw_and_score(model, target, plain, params, state.base_params, batch,
                             rng)
-    log_z = state.log_partition.log_z[batch.context_ids]
+    # The fresh samples also estimate Z (unbiasedly, whatever the proposal), so
+    # they are merged into the running estimate for this evaluation only; at
+    # step 0 they are the only estimate there is.
+    log_z = estimators.update_partition(
+        state.log_partition, scored.log_target, scored.log_q, batch.context_ids,
+        mask=~jnp.isnan(scored.log_target)).log_z[batch.context_ids]
     # On-policy: q = π exactly, so the log q from the sampler is log π.
     return sample_metrics(target, scored, scored.log_q, log_z, batch)
 
