@@ -1,0 +1,111 @@
+"""The interface every language model in ``fdiv_jax`` implements.
+
+The sampler (``fdiv_jax.sampling``), the scorer (``fdiv_jax.scoring``) and the
+train step code against this protocol only, so they work unchanged with
+``GPT2LM`` and ``LSTMLM``.
+
+Conventions (B = batch, T = tokens in this call, V = vocabulary, D = width):
+
+* ``tokens``: int32 [B, T].
+* ``attention_mask``: bool [B, T], True for real tokens, False for padding.
+  Padding may appear anywhere; the library left-pads prompts (see
+  ``fdiv_jax.sampling.pad_prompts``). Padded positions never influence real
+  positions; their own outputs are finite but meaningless.
+* ``positions``: int32 [B, T], the position id of each token. When omitted,
+  ``positions = max(cumsum(attention_mask) - 1, 0)`` (so a left-padded row
+  starts at position 0 on its first real token), or ``arange(T)`` when
+  ``attention_mask`` is omitted too.
+* logits are always float32, whatever the activation dtype, so log-probability
+  arithmetic downstream is float32 (or float64 under ``jax.enable_x64``).
+
+Methods (call them through ``model.apply({"params": params}, ..., method=...)``
+except ``init_cache``, which needs no parameters)::
+
+  model.apply(v, tokens, positions=None, attention_mask=None,
+              return_hidden=False)
+      -> logits float32 [B, T, V]  (or (logits, hidden [B, T, D]))
+
+  model.init_cache(batch_size, max_length) -> cache
+      A pytree of zero-filled arrays, called on the unbound module. The cache
+      holds up to ``max_length`` tokens (prompt plus generated ones).
+
+  model.apply(v, tokens, positions, attention_mask, cache, method="decode")
+      -> (logits float32 [B, T, V], new_cache)
+      Appends T tokens (same column for every row) to the cache and returns
+      their next-token logits, conditioned on everything already in the cache.
+      Running ``decode`` over a sequence in chunks (a prefill of P tokens, then
+      one token at a time) gives the same logits as one full forward pass over
+      it with the same ``positions`` and ``attention_mask``. It is pure and
+      jittable; the cache is a value, never a Flax collection.
+
+  model.apply(v, tokens, positions=None, attention_mask=None,
+              method="hidden_states") -> hidden [B, T, D]
+  model.apply(v, hidden, method="unembed") -> logits float32 [..., V]
+      The two halves of ``__call__``: scoring uses them to form logits only
+      for the positions it needs.
+
+Properties: ``vocab_size`` (int) and ``max_positions`` (int, or None when the
+model has no position limit). Inputs longer than ``max_positions`` raise a
+``ValueError`` naming the length and the limit.
+"""
+
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = Any
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+  """Structural type of an ``fdiv_jax`` language model (module docstring)."""
+
+  @property
+  def vocab_size(self) -> int:
+    ...
+
+  @property
+  def max_positions(self) -> Optional[int]:
+    ...
+
+  def init_cache(self, batch_size: int, max_length: int) -> Cache:
+    ...
+
+  def decode(self, tokens: Array, positions: Array, attention_mask: Array,
+             cache: Cache) -> Tuple[Array, Cache]:
+    ...
+
+  def hidden_states(self, tokens: Array, positions: Optional[Array] = None,
+                    attention_mask: Optional[Array] = None) -> Array:
+    ...
+
+  def unembed(self, hidden: Array) -> Array:
+    ...
+
+
+def default_positions(tokens: Array, attention_mask: Optional[Array]) -> Array:
+  """Position ids: ``max(cumsum(mask) - 1, 0)``, or ``arange(T)`` with no mask.
+
+  Args:
+    tokens: int32 [B, T].
+    attention_mask: bool [B, T] or None.
+
+  Returns:
+    int32 [B, T].
+  """
+  batch, length = tokens.shape
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                            (batch, length))
+  counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1)
+  return jnp.maximum(counts - 1, 0)
+
+
+def check_length(length: int, limit: Optional[int], what: str = "sequence"):
+  """Raises ValueError if a static length exceeds the model's position limit."""
+  if limit is not None and length > limit:
+    raise ValueError(
+        f"{what} length {length} exceeds the model's maximum number of "
+        f"positions ({limit}).")
