@@ -85,9 +85,6 @@ def test_load_pretrained_round_trip(tiny_run):
       loaded_model.apply({"params": loaded_params}, tokens))
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(pretrain.PRETRAINED_DIR, "params.msgpack")),
-    reason="no shipped checkpoint")
 def test_shipped_checkpoint():
   files = [os.path.join(pretrain.PRETRAINED_DIR, f)
            for f in os.listdir(pretrain.PRETRAINED_DIR)]
