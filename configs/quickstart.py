@@ -3,8 +3,9 @@ r"""Quickstart: the CPU demo of f-DPG (a few minutes on 2 CPU cores).
 Task. The base model a(x) is the shipped byte-level GPT-2 trained on fortune
 cookies (`fdiv_jax/data/pretrained`). The preference is a pointwise (hard)
 constraint, GDC-style: every sample must contain one of the words "love",
-"life", "time", "man", "world" or "people" (whole words, any case; a
-host-side `word_list` feature; base rate ~10%).
+"life", "man", "time", "money", "work", "never", "people", "world", "good",
+"you" or "your" (whole words, any case; a host-side `word_list` feature; base
+rate 33% of 48-byte samples).
 The target is p(x) ∝ a(x)·b(x); the policy π starts from a and is trained by
 f-DPG with the Jensen–Shannon divergence (`divergence = "js"`; try
 "forward_kl" = DPG, "reverse_kl" = RL with a KL penalty, "tv", ...).
@@ -35,20 +36,23 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.seed = 0
   c.divergence = "js"
-  c.num_steps = 300
-  c.batch_size = 32
-  c.max_new_tokens = 40
-  c.learning_rate = 2e-4
+  c.num_steps = 400
+  c.batch_size = 64
+  c.max_new_tokens = 48
+  c.learning_rate = 3e-4
+  c.lr_schedule = "cosine"
   c.warmup_steps = 10
+  c.ema_decay = 0.9               # evaluate the Polyak average of the policy
   c.checkpoint_every = 100
   c.eval_every = 50
-  c.eval_batch_size = 128
+  c.eval_batch_size = 256
   c.log_every = 10
   c.model.kind = "pretrained"     # the shipped demo model
   c.model.path = ""
   c.tokenizer = "byte"
-  # TODO(lead): retune on the final shipped model for a base rate of 10-30%
-  # (~8% for 40 bytes under a pre-release 1000-step checkpoint).
+  # Base rate 33% of 48-byte samples (each word alone is 1-3%, "you" 16%).
   c.target.kind = "pointwise"
-  c.target.features = ("word_list:words=love|life|time|man|world|people",)
+  c.target.features = (
+      "word_list:words=love|life|man|time|money|work|never|people|world|good|"
+      "you|your",)
   return config_lib.sized(c, size)

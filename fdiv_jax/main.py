@@ -105,6 +105,11 @@ class Evaluator:
     return result
 
 
+def evaluated_params(config, state):
+  """The policy that evaluation reports: the Polyak average when enabled."""
+  return state.ema_params if config.ema_decay > 0 else state.params
+
+
 def _prompt_texts(task) -> list[str]:
   return list(task.prompt_texts) if task.prompt_texts else [""]
 
@@ -115,7 +120,7 @@ def write_samples(path: str, config, task, evaluator, state) -> str:
   per_prompt = max(int(config.num_samples_md), 1)
   n = per_prompt * len(prompts)
   columns = []
-  for params in (state.base_params, state.params):
+  for params in (state.base_params, evaluated_params(config, state)):
     batch, (texts, _) = evaluator.samples(params, 0, n, seed_offset=1)
     by_prompt = [[] for _ in prompts]
     for ctx, text in zip(batch.context_ids.tolist(), texts):
@@ -171,7 +176,8 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   def on_eval(step, metrics, state):
     metrics = dict(metrics)
-    metrics.update(evaluator.extra_metrics(state.params, state.base_params, step))
+    metrics.update(evaluator.extra_metrics(evaluated_params(config, state),
+                                           state.base_params, step))
     last_eval.clear()
     last_eval.update(metrics)
     writer.write(step, _prefixed("eval", metrics))

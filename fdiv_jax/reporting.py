@@ -379,6 +379,7 @@ class ProgressBar:
                file: TextIO | None = None, log_interval_s: float = 30.0,
                disable: bool = False):
     stream = sys.stderr if file is None else file
+    self._stream = stream
     isatty = getattr(stream, "isatty", lambda: False)()
     self._samples_per_step = samples_per_step
     self._divergence_key = divergence_key
@@ -440,8 +441,8 @@ class ProgressBar:
       self._bar.update(delta)
 
   def write(self, message: str):
-    """Prints a line without breaking the bar."""
-    self._bar.write(message)
+    """Prints a line, on the bar's stream, without breaking the bar."""
+    self._bar.write(message, file=self._stream)
 
   def close(self):
     self._bar.close()

@@ -1,0 +1,129 @@
+"""The main job end to end: every config runs, outputs exist, bad overrides fail
+at once, Ctrl-C then re-run resumes."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fdiv_jax import main as main_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("quickstart", "pointwise_word", "distributional_balance", "sentiment_rlhf",
+           "code_compilable", "toy_exact")
+
+
+def load_config(name, size="tiny"):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_a_few_steps(name, tmp_path):
+  config = load_config(name)
+  summary = main_lib.run(config, str(tmp_path))
+  with open(tmp_path / "summary.json", encoding="utf-8") as f:
+    written = json.load(f)
+  for key in ("alignment", "kl_from_base", "distinct_2", "self_bleu", "js", "config"):
+    assert key in written, key
+  assert written["step"] == config.num_steps == summary["step"]
+  assert written["config"]["divergence"] == config.divergence
+  assert set(written["base"]) >= {"alignment", "distinct_2"}
+  for name_ in ("metrics.jsonl", "samples.md", "config.json"):
+    assert (tmp_path / name_).exists(), name_
+  assert any((tmp_path / "tensorboard").iterdir())
+  assert (tmp_path / "plots" / "alignment.png").exists()
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert any("train/loss" in r for r in rows) and any("eval/alignment" in r for r in rows)
+
+
+def test_toy_exact_divergence_falls(tmp_path):
+  config = load_config("toy_exact", size="")
+  config.num_steps = 120
+  config.eval_every = 60
+  summary = main_lib.run(config, str(tmp_path))
+  base, final = summary["base"], summary
+  assert final["exact/js"] < 0.25 * base["exact/js"], (base["exact/js"], final["exact/js"])
+  assert final["exact/alignment"] > base["exact/alignment"]
+  # The sampled estimates track the exact values.
+  assert abs(final["js"] - final["exact/js"]) < 0.02
+
+
+def run_main(args, env, **kwargs):
+  return subprocess.run([sys.executable, "-m", "fdiv_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, env=env, timeout=600,
+                        check=False, **kwargs)
+
+
+def snapshot(directory):
+  return sorted((os.path.relpath(os.path.join(r, f), directory),
+                 os.path.getmtime(os.path.join(r, f)))
+                for r, _, files in os.walk(directory) for f in files)
+
+
+@pytest.mark.parametrize("override,config,message", [
+    ("--config.divergence=foo", "quickstart",
+     "config.divergence: must be one of forward_kl, reverse_kl"),
+    ("--config.target.beta=-1", "sentiment_rlhf", "config.target.beta"),
+    ("--config.learning_rate=0", "toy_exact", "config.learning_rate"),
+])
+def test_bad_override_fails_at_once_and_leaves_the_workdir_untouched(
+    override, config, message, tmp_path, subprocess_env):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("keep me")
+  before = snapshot(workdir)
+  t0 = time.time()
+  out = run_main([f"--config=configs/{config}.py", f"--workdir={workdir}", override],
+                 subprocess_env)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert message in out.stderr, out.stderr[-2000:]
+  assert snapshot(workdir) == before
+  assert time.time() - t0 < 120  # no model was built, nothing compiled
+
+
+def test_unknown_field_is_rejected_by_the_flag_parser(tmp_path, subprocess_env):
+  out = run_main(["--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                  "--config.beta=-1"], subprocess_env)
+  assert out.returncode != 0 and "beta" in out.stderr
+  assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_then_rerun_resumes(tmp_path, subprocess_env):
+  args = ["--config=configs/toy_exact.py", f"--workdir={tmp_path}",
+          "--config.num_steps=400", "--config.checkpoint_every=1000",
+          "--config.log_every=1", "--config.eval_every=1000"]
+  proc = subprocess.Popen([sys.executable, "-m", "fdiv_jax.main", *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=subprocess_env)
+  deadline = time.time() + 300
+  jsonl = tmp_path / "metrics.jsonl"
+  while time.time() < deadline:
+    if jsonl.exists() and sum(1 for _ in open(jsonl, encoding="utf-8")) >= 5:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 130, out[-3000:]
+  assert "Run the same command again to resume" in out
+  ckpts = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert len(ckpts) == 1 and 0 < ckpts[0] < 400
+  stopped = ckpts[0]
+  out = run_main(args + ["--config.num_steps=" + str(stopped + 3)], subprocess_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {stopped}" in out.stderr
+  with open(tmp_path / "summary.json", encoding="utf-8") as f:
+    assert json.load(f)["step"] == stopped + 3
+  with open(jsonl, encoding="utf-8") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  train_steps = [s for s in steps if s > 0]
+  assert train_steps == sorted(train_steps)  # no duplicated steps after resume
