@@ -36,14 +36,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdiv_jax import config as config_lib
 from fdiv_jax import divergences, estimators, losses, sampling, scoring
 from fdiv_jax.train import state as state_lib
 
 Array = jax.Array
 Metrics = dict[str, Array]
-
-PROPOSAL_METRICS = ("forward_kl", "reverse_kl", "tv", "js")
-
 
 def divergence_from_config(config) -> divergences.Divergence:
   if config.divergence == "alpha":
@@ -118,10 +116,6 @@ def _tree_where(pred: Array, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def _window_mean(values: Array) -> Array:
-  return jnp.mean(values)  # NaN until the window is full
-
-
 def make_train_step(config, model, target,
                     sampler: sampling.SamplerConfig | None = None,
                     ) -> Callable[[state_lib.FDPGState, state_lib.Batch],
@@ -149,9 +143,9 @@ def make_train_step(config, model, target,
   clip = float(config.log_ratio_clip) if config.log_ratio_clip else None
   ema_decay = float(config.ema_decay)
   metric_name = config.proposal_update_metric
-  if metric_name not in PROPOSAL_METRICS:
+  if metric_name not in config_lib.PROPOSAL_METRICS:
     raise ValueError(f"proposal_update_metric must be one of "
-                     f"{', '.join(PROPOSAL_METRICS)}; got {metric_name!r}.")
+                     f"{', '.join(config_lib.PROPOSAL_METRICS)}; got {metric_name!r}.")
 
   def step(state: state_lib.FDPGState, batch: state_lib.Batch):
     rng, sample_rng = jax.random.split(state.rng)
@@ -198,7 +192,8 @@ def make_train_step(config, model, target,
       slot = state.step % state.policy_scores.shape[0]
       policy_scores = state.policy_scores.at[slot].set(policy_score)
       proposal_scores = state.proposal_scores.at[slot].set(proposal_score)
-      better = _window_mean(policy_scores) < _window_mean(proposal_scores)
+      # Means are NaN (so the comparison False) until the window is full.
+      better = jnp.mean(policy_scores) < jnp.mean(proposal_scores)
       updates["proposal_params"] = _tree_where(better, new_state.params,
                                                state.proposal_params)
       reset = jnp.full_like(policy_scores, jnp.nan)
@@ -253,10 +248,3 @@ def make_eval_step(config, model, target, sampler: sampling.SamplerConfig | None
     return sample_metrics(target, scored, scored.log_q, log_z, batch)
 
   return eval_step
-
-
-def samples_from_policy(model, params, batch: state_lib.Batch, rng: Array,
-                        sampler: sampling.SamplerConfig) -> Any:
-  """Plain ancestral samples of a policy (for samples.md and diversity metrics)."""
-  return sampling.sample(model, params, rng, batch.prompts, batch.prompt_lengths,
-                         sampler)
