@@ -77,8 +77,18 @@ def _scaled_expm1(x, scale):
 
 def _alpha_f(l, alpha):
   # (t^α − αt − (1 − α))/(α(α−1)) = expm1(αℓ)/(α(α−1)) − expm1(ℓ)/(α−1).
-  return (_scaled_expm1(alpha * l, alpha * (alpha - 1.0))
-          - _scaled_expm1(l, alpha - 1.0))
+  value = (_scaled_expm1(alpha * l, alpha * (alpha - 1.0))
+           - _scaled_expm1(l, alpha - 1.0))
+  # Both terms overflow (inf − inf) only where f itself is beyond the float
+  # range, and f ≥ 0: the value is +inf.
+  return jnp.where(jnp.isnan(value) & ~jnp.isnan(l), jnp.inf, value)
+
+
+def _alpha_f_over_t(l, alpha):
+  # f(t)/t = [expm1((α−1)ℓ) + (α−1)·expm1(−ℓ)]/(α(α−1)).
+  value = (_scaled_expm1((alpha - 1.0) * l, alpha * (alpha - 1.0))
+           + jnp.expm1(-l) / alpha)
+  return jnp.where(jnp.isnan(value) & ~jnp.isnan(l), jnp.inf, value)
 
 
 def _alpha_f_at_zero(alpha):
@@ -138,6 +148,21 @@ _SPECS: dict[str, _Spec] = {
         f_prime_at_inf=_alpha_f_prime_at_inf),
 }
 
+# f(t)/t in ℓ, for t > 1: the form to use where π ≫ p, since there p·f(t) =
+# π·f(t)/t and f(t) alone overflows long before f(t)/t does (e.g. JS at ℓ = 100
+# in float32: f(t) = inf but f(t)/t ≈ ½ log 2).
+_F_OVER_T = {
+    "forward_kl": lambda l, _: -l * jnp.exp(-l),
+    "reverse_kl": lambda l, _: l,
+    "tv": lambda l, _: 0.5 * jnp.abs(jnp.expm1(-l)),
+    "js": lambda l, _: 0.5 * ((_LOG2 - jax.nn.softplus(-l))
+                              + jnp.exp(-l) * (_LOG2 - jax.nn.softplus(l))),
+    "pearson_chi2": lambda l, _: 4.0 * jnp.square(jnp.sinh(0.5 * l)),
+    "neyman_chi2": lambda l, _: jnp.square(jnp.expm1(-l)),
+    "hellinger": lambda l, _: jnp.square(jnp.expm1(-0.5 * l)),
+    "alpha": _alpha_f_over_t,
+}
+
 _ALIASES = {"kl": "forward_kl", "rkl": "reverse_kl", "jensen_shannon": "js",
             "total_variation": "tv"}
 
@@ -193,6 +218,16 @@ class Divergence:
     s = self._spec
     return _with_limits(s.f_prime, s.f_prime_at_zero(self.alpha),
                         s.f_prime_at_inf(self.alpha), log_t, self.alpha)
+
+  def f_over_t(self, log_t: Array) -> Array:
+    """f(t)/t at t = exp(log_t), stable for large t (where p·f(π/p) = π·f(t)/t).
+
+    The limit f'(∞) at log_t = +inf; ±inf at log_t = −inf (−inf for reverse
+    KL, whose f(0) = 0, else +inf).
+    """
+    at_neg_inf = -_INF if self.name == "reverse_kl" else _INF
+    return _with_limits(_F_OVER_T[self.name], at_neg_inf, self.f_prime_at_inf,
+                        log_t, self.alpha)
 
   def pseudo_reward(self, log_t: Array) -> Array:
     """The f-DPG pseudo-reward R = −f'(t): REINFORCE on R descends D_f(π‖p)."""
@@ -278,7 +313,11 @@ def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
   safe_log_pi = jnp.where(pi_pos, log_pi, 0.0)
   # p > 0: p·f(t), with t = 0 (π = 0) handled by f's own limit.
   log_t = jnp.where(pi_pos, safe_log_pi, -jnp.inf) - safe_log_p
-  on_support = jnp.exp(safe_log_p) * d.f(log_t)
+  # p·f(t), written π·f(t)/t where t > 1 so that a huge ratio cannot overflow.
+  above = log_t > 0
+  on_support = jnp.where(
+      above, jnp.exp(safe_log_pi) * d.f_over_t(jnp.where(above, log_t, 1.0)),
+      jnp.exp(safe_log_p) * d.f(jnp.where(above, 0.0, log_t)))
   # p = 0 < π: π·f'(∞). Where f'(∞) = inf, write the inf only where π > 0.
   slope = d.f_prime_at_inf
   if math.isfinite(slope):

@@ -87,7 +87,7 @@ class PartitionState(NamedTuple):
 
   Attributes:
     log_sum_weights: [C] log Σ_i P(x_i)/q(x_i) over every sample seen so far.
-    count: [C] number of samples seen so far (float, to stay exact past 2³¹).
+    count: [C] number of samples seen so far (a float, like the weights).
   """
   log_sum_weights: Array
   count: Array
@@ -113,7 +113,9 @@ def update_partition(state: PartitionState, log_target: Array, log_proposal: Arr
 
   Since Z does not depend on the proposal, batches drawn from different proposals
   (a policy changing every step) merge into one unbiased estimate:
-  Ẑ = Σ_all w / n_all, w = P/q.
+  Ẑ = Σ_all w / n_all, w = P/q — provided every q covers the support of P. A
+  truncated proposal (top-k / top-p sampling) never draws some x with P(x) > 0,
+  and Ẑ then estimates only the mass of P on what q can draw (biased low).
 
   Args:
     state: the running estimate, C contexts.
@@ -174,7 +176,13 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
   on_support = log_p > -jnp.inf
   safe_log_p = jnp.where(on_support, log_p, 0.0)
   log_t = log_model - safe_log_p
-  term_on = jnp.exp(safe_log_p - log_proposal) * d.f(log_t)
+  # (p/q)·f(t), written (π/q)·f(t)/t where t > 1: f(t) alone overflows for
+  # large t (float32: ℓ > 88) while the term itself is finite.
+  above = log_t > 0
+  term_on = jnp.where(
+      above,
+      jnp.exp(log_model - log_proposal) * d.f_over_t(jnp.where(above, log_t, 1.0)),
+      jnp.exp(safe_log_p - log_proposal) * d.f(jnp.where(above, 0.0, log_t)))
   slope = d.f_prime_at_inf
   term_off = jnp.exp(log_model - log_proposal) * slope if slope != 0 else (
       jnp.zeros_like(log_model))

@@ -30,14 +30,19 @@ from fdiv_jax import divergences
 Array = jax.Array
 
 
-def default_log_ratio_clip(dtype) -> float:
+def default_log_ratio_clip(dtype, d: divergences.Divergence | None = None) -> float:
   """The default bound on |ℓ| used for pseudo-rewards: every f' stays finite.
 
-  f'(t) of the divergences here grows at most like t² (Neyman χ²: e^{2|ℓ|}), so
-  |ℓ| ≤ ¼ log(max float) keeps the pseudo-rewards and their squares finite:
-  22 in float32, 177 in float64.
+  f'(t) of the named divergences grows at most like e^{2|ℓ|} (Neyman χ² as
+  t → 0), and that of α-divergences like e^{|α−1||ℓ|}; the bound
+  log(max float) / (2·max(2, |α−1|)) keeps the pseudo-rewards and their squares
+  finite: 22 in float32 and 177 in float64 for all but α-divergences with
+  |α − 1| > 2.
   """
-  return math.floor(0.25 * math.log(float(jnp.finfo(dtype).max)))
+  growth = 2.0
+  if d is not None and d.alpha is not None:
+    growth = max(growth, abs(d.alpha - 1.0))
+  return math.floor(math.log(float(jnp.finfo(dtype).max)) / (2.0 * growth))
 
 
 def fdpg_loss(d: divergences.Divergence | str,
@@ -66,7 +71,7 @@ def fdpg_loss(d: divergences.Divergence | str,
 
   Violated hard constraints (log P = −inf, ℓ = +inf) and other extreme ratios: ℓ
   is clipped to [−c, c] before f' (c = `log_ratio_clip`, by default
-  `default_log_ratio_clip(dtype)`: 22 in float32, 177 in float64), so the update
+  `default_log_ratio_clip(dtype, d)`: 22 in float32, 177 in float64), so the update
   is always finite. Where f'(∞) is finite (forward KL, TV, JS, Neyman χ²,
   Hellinger, α < 1) a violated sample's pseudo-reward is within e^{−c} of its
   exact limit −f'(∞); where f'(∞) = +∞ (reverse KL, Pearson χ², α > 1) the exact
@@ -98,10 +103,15 @@ def fdpg_loss(d: divergences.Divergence | str,
   log_proposal = jnp.asarray(log_proposal, dtype)
   log_target = jnp.asarray(log_target, dtype)
   log_z = jnp.asarray(log_z, dtype)
-  clip = default_log_ratio_clip(dtype) if log_ratio_clip is None else log_ratio_clip
+  clip = (default_log_ratio_clip(dtype, d) if log_ratio_clip is None
+          else log_ratio_clip)
 
   fixed_log_model = jax.lax.stop_gradient(log_model)
-  log_ratio = jax.lax.stop_gradient(fixed_log_model - log_target + log_z)
+  # A violated constraint is ℓ = +inf whatever log Ẑ is; written out so that a
+  # context whose Ẑ is still 0 (log Ẑ = −inf: no sample of it satisfied the
+  # constraint yet) gives +inf rather than NaN (−(−inf) + (−inf)).
+  log_ratio = jax.lax.stop_gradient(jnp.where(
+      log_target == -jnp.inf, jnp.inf, fixed_log_model - log_target + log_z))
   clipped = jnp.clip(log_ratio, -clip, clip)
   pseudo_reward = d.pseudo_reward(clipped)
   log_weight = jax.lax.stop_gradient(fixed_log_model - log_proposal)

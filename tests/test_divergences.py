@@ -279,3 +279,42 @@ def test_properties_nonnegative_zero_iff_equal_jit_and_dtypes(logits, d):
 def test_nan_input_stays_visible(d):
   assert np.isnan(float(d.f(jnp.float32(jnp.nan))))
   assert np.isnan(float(d.f_prime(jnp.float32(jnp.nan))))
+
+
+@pytest.mark.parametrize("d", ALL, ids=IDS)
+def test_f_over_t_matches_reference_and_never_overflows_early(d):
+  # f(t)/t for t > 1 is what `exact` and the estimators use where π ≫ p.
+  log_ts = np.concatenate([np.linspace(1e-3, 5, 11), np.linspace(10, 700, 30)])
+  with jax.enable_x64(True):
+    got = np.asarray(d.f_over_t(jnp.asarray(log_ts)))
+  for l, g in zip(log_ts, got):
+    t = mpmath.exp(mpmath.mpf(float(l)))
+    r = ref_f(d, t) / t
+    if abs(r) > np.finfo(np.float64).max:
+      assert g == math.inf
+    else:
+      # Absolute slack as for f itself: near t = 1 both terms cancel.
+      assert g == pytest.approx(float(r), rel=1e-10, abs=1e-14), (str(d), l)
+  # In float32 it stays finite far past where f itself overflows (ℓ ≈ 88).
+  if math.isfinite(d.f_prime_at_inf):
+    far = float(d.f_over_t(jnp.float32(200.0)))
+    assert far == pytest.approx(d.f_prime_at_inf, rel=1e-5, abs=1e-6)
+  assert float(d.f_over_t(jnp.float32(jnp.inf))) == pytest.approx(d.f_prime_at_inf)
+
+
+def test_alpha_f_overflow_is_inf_not_nan():
+  for alpha, l in ((2.0, 100.0), (0.5, 250.0), (3.0, 60.0)):
+    assert float(divergences.get("alpha", alpha=alpha).f(jnp.float32(l))) == math.inf
+
+
+def test_exact_with_a_huge_ratio_is_finite_where_the_divergence_is():
+  # π puts 1/2 where p has e^-120: f(t) overflows in float32, p·f(t) does not.
+  log_pi = jnp.log(jnp.array([0.5, 0.5], jnp.float32))
+  log_p = jnp.array([-120.0, 0.0], jnp.float32)
+  for name in ("js", "tv", "hellinger", "neyman_chi2", "reverse_kl"):
+    value = float(divergences.exact(name, log_pi, log_p))
+    assert math.isfinite(value), name
+    with jax.enable_x64(True):
+      want = float(divergences.exact(name, log_pi.astype(jnp.float64),
+                                     log_p.astype(jnp.float64)))
+    assert value == pytest.approx(want, rel=1e-4), name

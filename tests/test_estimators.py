@@ -220,3 +220,17 @@ def test_estimators_work_under_jit_and_vmap():
   batched = jax.vmap(estimators.log_partition)(jnp.stack([log_target, log_target + 1]),
                                               jnp.stack([log_q, log_q]))
   assert float(batched[1] - batched[0]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_huge_ratios_give_finite_estimates_for_bounded_terms():
+  # On-policy, log P − log a = −110 (an RLHF target with a tiny β): f(t)
+  # overflows in float32, but the term (π/q)·f(t)/t is finite.
+  log_model = jnp.zeros(3, jnp.float32)
+  log_target = jnp.array([-110.0, -1.0, 0.0], jnp.float32)
+  for name, per_sample in (("js", 0.5 * math.log(2)), ("tv", 0.5),
+                           ("reverse_kl", 110.0), ("hellinger", 1.0)):
+    value = float(estimators.divergence(name, log_model[:1], log_target[:1],
+                                        log_model[:1], 0.0))
+    assert value == pytest.approx(per_sample, rel=1e-5), name
+    assert math.isfinite(float(estimators.divergence(name, log_model, log_target,
+                                                     log_model, 0.0))), name

@@ -177,3 +177,27 @@ def test_float32_gradient_close_to_float64():
 def test_default_log_ratio_clip():
   assert losses.default_log_ratio_clip(jnp.float32) == 22
   assert losses.default_log_ratio_clip(jnp.float64) == 177
+
+
+def test_a_context_whose_z_is_still_zero_gives_no_nan():
+  # Every sample of the context so far violated the constraint: log Ẑ = −inf.
+  theta, _, log_target = setup(18, zeros_in_target=3)
+  log_pi = jax.nn.log_softmax(jnp.asarray(theta, jnp.float32))
+
+  def loss(t):
+    lp = jax.nn.log_softmax(t)
+    return losses.fdpg_loss("js", lp, lp, jnp.asarray(log_target, jnp.float32),
+                            -jnp.inf)[0]
+  value, grad = jax.value_and_grad(loss)(jnp.asarray(theta, jnp.float32))
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+  _, aux = losses.fdpg_loss("js", log_pi, log_pi, log_target, -jnp.inf)
+  violated = ~np.isfinite(log_target)
+  assert np.all(np.asarray(aux["log_ratio"])[violated] == np.inf)
+
+
+def test_default_clip_keeps_alpha_pseudo_rewards_finite():
+  d = divergences.get("alpha", alpha=10.0)
+  clip = losses.default_log_ratio_clip(jnp.float32, d)
+  assert clip == 4
+  r = d.pseudo_reward(jnp.array([-clip, clip], jnp.float32))
+  assert np.all(np.isfinite(np.asarray(r))) and np.all(np.isfinite(np.asarray(r)**2))

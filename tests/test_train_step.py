@@ -97,6 +97,9 @@ def test_non_finite_gradients_are_skipped_and_counted():
   assert int(metrics["skipped_updates"]) == 2
   after = jax.device_get(state.params)
   jax.tree.map(np.testing.assert_array_equal, before, after)
+  # Neither the running Ẑ nor the baseline took the NaNs in.
+  assert np.all(np.isfinite(np.asarray(state.baseline_state.values)))
+  assert not np.any(np.isnan(np.asarray(state.log_partition.log_sum_weights)))
 
 
 def test_ema_params_and_grad_accumulation():

@@ -135,10 +135,14 @@ def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = No
       else:
         timed_steps += 1
         timed_seconds += time.perf_counter() - t0
-      if step % config.log_every == 0 or step == num_steps:
+      if step > start + 1:
+        # Dispatch is asynchronous: wait for the step so that its time, and not
+        # that of the evaluation or checkpoint below, is what gets counted.
         t1 = time.perf_counter()
-        last_metrics = to_host(metrics)  # waits for the step: count its time
+        jax.block_until_ready(state.step)
         timed_seconds += time.perf_counter() - t1
+      if step % config.log_every == 0 or step == num_steps:
+        last_metrics = to_host(metrics)
         if on_metrics is not None:
           on_metrics(step, last_metrics)
       if step % config.eval_every == 0 or step == num_steps:

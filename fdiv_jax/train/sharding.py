@@ -20,8 +20,9 @@ first, before any other JAX call. It runs `jax.distributed.initialize()` when th
 environment describes a multi-process job (Cloud TPU sets it up by itself; for
 GPUs set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or
 launch under SLURM / Open MPI, which JAX detects), then build the mesh over
-`jax.devices()` (all hosts' devices). Every host runs the same program and feeds
-its share of the global batch.
+`jax.devices()` (all hosts' devices). Every host runs the same program and
+passes the same global host batch to `shard_batch` (tasks build batches
+deterministically from the step), which places each device's share.
 """
 
 from __future__ import annotations

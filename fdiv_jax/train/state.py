@@ -5,13 +5,13 @@ Fields beyond `TrainState` (step, params, opt_state, tx, apply_fn):
 
   base_params      the frozen base model a(x) (the EBM's prior), never updated
   proposal_params  the proposal q of offline DPG (Khalifa et al., ICLR 2021);
-                   equal to `params` by convention in online mode (unused there)
+                   None in online mode, where q = π
   log_partition    running importance-sampling estimate of log Z, one per context
                    (`estimators.PartitionState`)
   baseline_state   state of the pseudo-reward baseline (`baselines.Baseline`)
   rng              raw uint32[2] PRNG key; split once per step
-  ema_params       Polyak average of `params` (the "smoothing" of GDC), or the
-                   params themselves when `ema_decay` is 0
+  ema_params       Polyak average of `params` (the "smoothing" of GDC), or
+                   None when `ema_decay` is 0
   policy_scores,   offline mode: the last W per-step estimates of D(π‖p) and
   proposal_scores  D(q‖p) on which "replace q by π when π is closer" is decided
   num_proposal_updates  how often q was replaced by π

@@ -176,8 +176,11 @@ def make_train_step(config, model, target,
     (loss, (aux, log_model)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     new_state = state.apply_gradients(grads=grads)
-    baseline_state = baseline.update(state.baseline_state, aux["pseudo_reward"],
-                                     aux["importance_weight"])
+    # Non-finite rewards (a NaN log P, an overflowing weight) stay out of the
+    # baseline, which would otherwise carry them into every later step.
+    baseline_state = baseline.update(
+        state.baseline_state, aux["pseudo_reward"], aux["importance_weight"],
+        mask=jnp.isfinite(aux["pseudo_reward"] * aux["importance_weight"]))
     updates = dict(rng=rng, log_partition=log_partition, baseline_state=baseline_state)
     if state.ema_params is not None:
       updates["ema_params"] = jax.tree.map(
