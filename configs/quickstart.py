@@ -4,8 +4,10 @@ Task. The base model a(x) is the shipped byte-level GPT-2 trained on fortune
 cookies (`fdiv_jax/data/pretrained`). The preference is a pointwise (hard)
 constraint, GDC-style: every sample must contain one of the words "love",
 "life", "man", "time", "money", "work", "never", "people", "world", "good",
-"you" or "your" (whole words, any case; a host-side `word_list` feature; base
-rate 33% of 48-byte samples).
+"you", "your", "know", "think" or "day" (whole words, any case; a host-side
+`word_list` feature; base rate 38% of 48-byte samples). With this small model
+JS levels off near 80% of samples after ~250 steps (reverse KL goes further,
+at several times the KL from the base model).
 The target is p(x) ∝ a(x)·b(x); the policy π starts from a and is trained by
 f-DPG with the Jensen–Shannon divergence (`divergence = "js"`; try
 "forward_kl" = DPG, "reverse_kl" = RL with a KL penalty, "tv", ...).
@@ -42,7 +44,7 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   c.learning_rate = 3e-4
   c.lr_schedule = "cosine"
   c.warmup_steps = 10
-  c.ema_decay = 0.9               # evaluate the Polyak average of the policy
+  c.ema_decay = 0.95              # evaluate the Polyak average of the policy
   c.checkpoint_every = 100
   c.eval_every = 50
   c.eval_batch_size = 256
@@ -50,9 +52,9 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   c.model.kind = "pretrained"     # the shipped demo model
   c.model.path = ""
   c.tokenizer = "byte"
-  # Base rate 33% of 48-byte samples (each word alone is 1-3%, "you" 16%).
+  # Base rate 38% of 48-byte samples (each word alone is 1-3%, "you" 16%).
   c.target.kind = "pointwise"
   c.target.features = (
       "word_list:words=love|life|man|time|money|work|never|people|world|good|"
-      "you|your",)
+      "you|your|know|think|day",)
   return config_lib.sized(c, size)
