@@ -16,6 +16,7 @@ _LAZY_SUBMODULES = (
     "features",
     "metrics",
     "models",
+    "output_layer",
     "qrs",
     "reward_model",
     "sampling",

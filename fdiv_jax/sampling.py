@@ -4,8 +4,8 @@ For each row b, with left-padded prompt c_b, the sampler draws
 ``x_n ~ q(. | c_b, x_<n) = warp(model(c_b, x_<n))`` (temperature, top-k, top-p
 as in ``fdiv_jax.scoring``) until EOS or ``max_new_tokens``, and returns
 ``token_log_q[b, n] = log q(x_n | c_b, x_<n)``, the log-probability under the
-very distribution the token was drawn from (computed by the same
-``scoring.warped_log_softmax``). Hence ``log_q[b] = sum_n token_log_q[b, n]``
+very distribution the token was drawn from (``softmax`` of the same
+``scoring.warp_logits``, normalised by the sums the draw itself makes). Hence ``log_q[b] = sum_n token_log_q[b, n]``
 is the exact log-probability of the whole continuation, EOS included, and a
 length-capped continuation (no EOS within ``max_new_tokens``) has the
 probability of its tokens.
@@ -118,8 +118,8 @@ def _first_above(cumulative: Array, target: Array, positive: Array) -> Array:
   return jnp.minimum(count, last)
 
 
-def categorical(rng: Array, log_probs: Array) -> Array:
-  """Draws one index per row from ``softmax(log_probs)`` (int32 [B]).
+def categorical_with_log_prob(rng: Array, logits: Array) -> Tuple[Array, Array]:
+  """Draws one index per row from ``softmax(logits)``, with its log-probability.
 
   Two-level inverse-CDF sampling, exact up to float32 rounding of partial
   sums: the V probabilities are grouped into about sqrt(V) blocks; a block
@@ -127,17 +127,26 @@ def categorical(rng: Array, log_probs: Array) -> Array:
   a token within it proportionally to its probability (uniform ``u2``). So
   ``P(i) = (m_b / M) (p_i / m_b) = p_i / M``. Two uniforms per row instead of
   V Gumbel variates, and the cumulative sums are short, so rounding stays at
-  the level of a block of about sqrt(V) terms. Tokens with log-prob -inf are
+  the level of a block of about sqrt(V) terms. Tokens with logit -inf are
   never drawn.
+
+  The log-probability of the drawn index, ``logits[i] − logsumexp(logits)``,
+  reuses the block masses: ``logsumexp = max + log M``, so no separate
+  log-softmax pass over the vocabulary is made.
 
   Args:
     rng: PRNG key.
-    log_probs: float32 [B, V], -inf allowed (at least one finite per row).
+    logits: float32 [B, V], unnormalised log-probabilities; -inf allowed (at
+      least one finite per row).
+
+  Returns:
+    ``(index int32 [B], log_prob float32 [B])``.
   """
-  batch, vocab = log_probs.shape
+  batch, vocab = logits.shape
   block = max(1, int(round(vocab ** 0.5)))
   num_blocks = -(-vocab // block)
-  probs = jnp.exp(log_probs - jnp.max(log_probs, axis=-1, keepdims=True))
+  row_max = jnp.max(logits, axis=-1)
+  probs = jnp.exp(logits - row_max[:, None])
   probs = jnp.pad(probs, ((0, 0), (0, num_blocks * block - vocab)))
   probs = probs.reshape(batch, num_blocks, block)
   block_mass = jnp.sum(probs, axis=-1)
@@ -149,7 +158,15 @@ def categorical(rng: Array, log_probs: Array) -> Array:
   cum_row = jnp.cumsum(row, axis=-1)
   u2 = jax.random.uniform(key_token, (batch,)) * cum_row[:, -1]
   within = _first_above(cum_row, u2, row > 0)
-  return (chosen * block + within).astype(jnp.int32)
+  index = (chosen * block + within).astype(jnp.int32)
+  picked = jnp.take_along_axis(logits, index[:, None], axis=-1)[:, 0]
+  log_prob = picked - row_max - jnp.log(jnp.sum(block_mass, axis=-1))
+  return index, log_prob
+
+
+def categorical(rng: Array, logits: Array) -> Array:
+  """The index drawn by ``categorical_with_log_prob`` (int32 [B])."""
+  return categorical_with_log_prob(rng, logits)[0]
 
 
 class _State(NamedTuple):
@@ -164,9 +181,9 @@ class _State(NamedTuple):
 
 def _draw(state: _State, rng: Array, config: SamplerConfig):
   """Samples column ``state.step``; returns (state, fed token, fed mask)."""
-  log_q = scoring.warped_log_softmax(state.logits, config.warping)
-  token = categorical(jax.random.fold_in(rng, state.step), log_q)
-  token_log_q = jnp.take_along_axis(log_q, token[:, None], axis=-1)[:, 0]
+  token, token_log_q = categorical_with_log_prob(
+      jax.random.fold_in(rng, state.step),
+      scoring.warp_logits(state.logits, config.warping))
   active = ~state.done
   token = jnp.where(active, token, config.pad_id)
   token_log_q = jnp.where(active, token_log_q, 0.0)

@@ -18,8 +18,8 @@ Warping (applied to float32 logits in this order, as Hugging Face does):
    how it is found (without sorting; see ``warp_logits``).
 
 The warped distribution is ``softmax(z)`` on the kept support and exactly 0
-elsewhere (log-prob -inf). The sampler (``fdiv_jax.sampling``) draws from and
-reports ``warped_log_softmax`` of this same function, so its log q and a
+elsewhere (log-prob -inf). The sampler (``fdiv_jax.sampling``) draws from
+``softmax(warp_logits(...))`` and reports its log-probabilities, so its log q and a
 rescoring here agree up to float rounding of the two forward passes.
 """
 
@@ -29,6 +29,7 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from fdiv_jax import output_layer
 from fdiv_jax.models import base
 
 Array = jax.Array
@@ -152,6 +153,7 @@ def prompt_mask(prompts: Array, prompt_lengths: Array) -> Array:
 
 def sequence_log_probs(model, params, prompts: Array, prompt_lengths: Array,
                        tokens: Array, mask: Array, warping: Any = None,
+                       known_token_log_probs: Optional[Array] = None,
                        ) -> Tuple[Array, Array]:
   """log-probabilities of continuations given left-padded prompts.
 
@@ -172,6 +174,12 @@ def sequence_log_probs(model, params, prompts: Array, prompt_lengths: Array,
     mask: bool [B, N], True on scored tokens (``SampleOutput.mask``).
     warping: None (untempered: for π and a), a ``Warping`` or the sampler's
       ``SamplerConfig`` (for q).
+    known_token_log_probs: optional float32 [B, N], these very log-probabilities
+      as already computed by the sampler that drew ``tokens`` from this model
+      with this warping (``SampleOutput.token_log_q``; on-policy f-DPG). They
+      are returned as they are, and only the gradient is computed
+      (``output_layer.known_token_log_softmax``): the forward pass makes no
+      vocabulary pass. Not with top-k / top-p truncation.
 
   Returns:
     ``(token_log_probs float32 [B, N], log_probs float32 [B])``.
@@ -188,19 +196,27 @@ def sequence_log_probs(model, params, prompts: Array, prompt_lengths: Array,
   hidden = model.apply(variables, full, positions, valid,
                        method="hidden_states")
   hidden = hidden[:, num_prompt - 1:num_prompt + num_new - 1]
-  logits = model.apply(variables, hidden, method="unembed")
-  index = tokens[..., None].astype(jnp.int32)
   w = as_warping(warping)
-  if w.top_k == 0 and w.top_p == 1.0:
-    # No truncation: log softmax(z)[x] = z[x] − logsumexp(z), without writing
-    # the [B, N, V] log-softmax (2.3x faster forward+backward at V = 50257).
-    z = logits.astype(jnp.float32)
-    if w.temperature != 1.0:
-      z = z / w.temperature
-    picked = (jnp.take_along_axis(z, index, axis=-1)[..., 0]
-              - jax.nn.logsumexp(z, axis=-1))
+  truncated = w.top_k > 0 or w.top_p < 1.0
+  if known_token_log_probs is not None:
+    if truncated:
+      raise ValueError("known_token_log_probs needs a warping without top-k / "
+                       f"top-p truncation; got {w}.")
+    kernel, bias = model.apply(variables, method="output_layer")
+    picked = output_layer.known_token_log_softmax(
+        hidden, kernel, bias, tokens, known_token_log_probs, mask,
+        temperature=w.temperature)
+  elif not truncated:
+    # log softmax(z)[x] = z[x] − logsumexp(z), with the logsumexp merged over
+    # vocabulary chunks (fdiv_jax.output_layer): the [B, N, V] logits are
+    # never written (3x faster forward at V = 50257).
+    kernel, bias = model.apply(variables, method="output_layer")
+    picked = output_layer.token_log_softmax(hidden, kernel, bias, tokens,
+                                            temperature=w.temperature)
   else:
-    picked = jnp.take_along_axis(warped_log_softmax(logits, w), index,
+    logits = model.apply(variables, hidden, method="unembed")
+    picked = jnp.take_along_axis(warped_log_softmax(logits, w),
+                                 tokens[..., None].astype(jnp.int32),
                                  axis=-1)[..., 0]
   token_log_probs = jnp.where(mask, picked, 0.0)
   return token_log_probs, token_log_probs.sum(axis=-1)

@@ -294,3 +294,57 @@ def test_categorical_matches_probabilities():
   assert p_value > 1e-3, p_value
   shifted = np.roll(probs[support], 1)
   assert stats.chisquare(counts[support], shifted * num).pvalue < 1e-6
+
+
+def test_categorical_reports_the_exact_log_probability_of_its_draw():
+  rng = np.random.default_rng(5)
+  logits = np.concatenate([rng.normal(size=(64, 997)) * 4,
+                           np.full((64, 3), -np.inf)], axis=1)
+  logits[:, 10] += 200.0  # A shift the normaliser must absorb.
+  index, log_prob = jax.jit(sampling.categorical_with_log_prob)(
+      jax.random.key(3), jnp.asarray(logits, jnp.float32))
+  z = logits.astype(np.float64)
+  top = z.max(axis=1, keepdims=True)
+  exact = z - top - np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+  want = exact[np.arange(64), np.asarray(index)]
+  assert np.all(np.isfinite(want))
+  np.testing.assert_allclose(log_prob, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "lstm"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_gradient_from_the_samplers_log_q_equals_a_rescoring(kind, temperature):
+  """On-policy scoring: the sampler's log q as the value of log π, only the
+  gradient computed; it must equal the gradient of a full rescoring."""
+  model, params = _model(kind, 11, 3.0)
+  prompts, lengths = _ragged_prompts()
+  config = sampling.SamplerConfig(max_new_tokens=6, temperature=temperature,
+                                  eos_id=EOS, pad_id=PAD)
+  out = _sampler(model, config)(params, jax.random.key(4), prompts, lengths)
+  weights = jnp.linspace(-1.0, 2.0, prompts.shape[0])
+
+  def objective(p, known):
+    token_log_p, log_p = scoring.sequence_log_probs(
+        model, p, prompts, lengths, out.tokens, out.mask, config.warping,
+        known_token_log_probs=out.token_log_q if known else None)
+    return jnp.sum(weights * log_p), token_log_p
+
+  (_, fast), fast_grads = jax.jit(jax.value_and_grad(objective, has_aux=True),
+                                  static_argnums=1)(params, True)
+  (_, full), full_grads = jax.jit(jax.value_and_grad(objective, has_aux=True),
+                                  static_argnums=1)(params, False)
+  np.testing.assert_array_equal(fast, out.token_log_q)
+  np.testing.assert_allclose(fast, full, atol=5e-6)
+  for got, want in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(full_grads)):
+    np.testing.assert_allclose(got, want, rtol=0,
+                               atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
+
+
+def test_known_log_probs_refuse_truncated_warping():
+  model, params = _model("gpt2", 11, 1.0)
+  prompts, lengths = _ragged_prompts()
+  tokens = jnp.zeros((prompts.shape[0], 2), jnp.int32)
+  with pytest.raises(ValueError, match="top-k / top-p"):
+    scoring.sequence_log_probs(model, params, prompts, lengths, tokens,
+                               tokens >= 0, scoring.Warping(top_k=3),
+                               known_token_log_probs=jnp.zeros(tokens.shape))

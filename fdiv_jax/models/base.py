@@ -44,6 +44,11 @@ except ``init_cache``, which needs no parameters)::
       The two halves of ``__call__``: scoring uses them to form logits only
       for the positions it needs.
 
+  model.apply(v, method="output_layer") -> (kernel [V, D], bias [V] or None)
+      The weights of ``unembed``: ``unembed(h) = h @ kernel.T + bias`` in
+      float32. Scoring passes them to ``fdiv_jax.output_layer`` so that the
+      [B, N, V] logits are never written.
+
 Properties: ``vocab_size`` (int) and ``max_positions`` (int, or None when the
 model has no position limit). Inputs longer than ``max_positions`` raise a
 ``ValueError`` naming the length and the limit.
@@ -82,6 +87,9 @@ class LanguageModel(Protocol):
     ...
 
   def unembed(self, hidden: Array) -> Array:
+    ...
+
+  def output_layer(self) -> Tuple[Array, Optional[Array]]:
     ...
 
 

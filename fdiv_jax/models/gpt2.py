@@ -252,6 +252,10 @@ class GPT2LM(nn.Module):
     return jnp.einsum("...d,vd->...v", hidden.astype(self.config.dtype), table,
                       preferred_element_type=jnp.float32)
 
+  def output_layer(self) -> Tuple[Array, None]:
+    """``(kernel [V, D], None)`` with ``unembed(h) = h @ kernel.T`` (tied)."""
+    return self.wte.embedding.astype(self.config.dtype), None
+
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                attention_mask: Optional[Array] = None,
                return_hidden: bool = False):

@@ -127,6 +127,11 @@ class LSTMLM(nn.Module):
     """``logits = W h + b``, float32 [..., V]."""
     return self.out(hidden.astype(jnp.float32))
 
+  def output_layer(self) -> Tuple[Array, Array]:
+    """``(kernel [V, H], bias [V])`` with ``unembed(h) = h @ kernel.T + bias``."""
+    params = self.out.variables["params"]
+    return params["kernel"].T, params["bias"]
+
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                attention_mask: Optional[Array] = None,
                return_hidden: bool = False):

@@ -10,7 +10,10 @@ that a caller compiles once with `jax.jit` (see `fdiv_jax.train.sharding`):
      returns the exact log q(x) of what it sampled (q = π_θ online; the separate
      proposal of offline DPG otherwise);
   2. score log π_θ(x) (differentiably) and log a(x) under the frozen base model,
-     and log P(x) = `target.log_prob(x, log a(x))`;
+     and log P(x) = `target.log_prob(x, log a(x))`. Online without temperature
+     or truncation q = π, so log π(x) is the sampler's log q and scoring π
+     only computes its gradient (`scoring.sequence_log_probs` with
+     `known_token_log_probs`);
   3. fold the batch into the running log Ẑ (`estimators.update_partition`, one
      per context), and compute the pseudo-reward baseline;
   4. minimise `losses.fdpg_loss` for the configured divergence with optax
@@ -60,6 +63,7 @@ class Scored(NamedTuple):
   """Samples from q and their log-probabilities, all [B] unless noted."""
   tokens: Array        # int32 [B, N]
   mask: Array          # bool [B, N]
+  token_log_q: Array   # float32 [B, N]: log q of each token (0 off the mask)
   log_q: Array         # log q(x) of the warped proposal that drew x
   log_base: Array      # log a(x)
   log_target: Array    # log P(x)
@@ -80,7 +84,7 @@ def draw_and_score(model, target, sampler: sampling.SamplerConfig, proposal_para
                                            batch.prompt_lengths, out.tokens, out.mask)
   log_base = jax.lax.stop_gradient(log_base)
   log_target = target.log_prob(out.tokens, out.mask, log_base, _context(batch))
-  return Scored(out.tokens, out.mask, out.log_q, log_base,
+  return Scored(out.tokens, out.mask, out.token_log_q, out.log_q, log_base,
                 jax.lax.stop_gradient(log_target), out.lengths)
 
 
@@ -140,6 +144,8 @@ def make_train_step(config, model, target,
     sampler = sampler_from_config(config, config.eos_id, config.pad_id)
   baseline = state_lib.baseline_from_config(config)
   offline = config.mode == "offline"
+  # The proposal is π itself, unwarped: the sampler's log q is log π.
+  on_policy = not offline and sampler.warping == scoring.Warping()
   clip = float(config.log_ratio_clip) if config.log_ratio_clip else None
   ema_decay = float(config.ema_decay)
   metric_name = config.proposal_update_metric
@@ -160,9 +166,13 @@ def make_train_step(config, model, target,
     log_z = log_partition.log_z[batch.context_ids]
 
     def loss_fn(params):
+      # On-policy (q = π exactly), the sampler's log q is log π: only its
+      # gradient is computed, and π/q is 1 up to the order of a float sum
+      # (rather than up to the rounding of two forward passes).
+      known = scored.token_log_q if on_policy else None
       _, log_model = scoring.sequence_log_probs(
           model, params, batch.prompts, batch.prompt_lengths, scored.tokens,
-          scored.mask)
+          scored.mask, known_token_log_probs=known)
       fixed = jax.lax.stop_gradient(log_model)
       # The baseline needs this batch's pseudo-rewards for batch-mean / LOO.
       _, pre = losses.fdpg_loss(divergence, fixed, scored.log_q, scored.log_target,

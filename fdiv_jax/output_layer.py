@@ -1,0 +1,281 @@
+"""Log-probabilities of chosen tokens under a large output layer, chunked.
+
+For hidden states ``h_t`` (t = 1..T) and an output layer with ``kernel`` W
+[V, D] and optional ``bias`` b [V], the next-token distribution at temperature
+τ is ``softmax(z_t)`` with ``z_t = (W h_t + b) / τ``. ``token_log_softmax``
+returns, for chosen tokens ``x_t``,
+
+    log p(x_t) = z_t[x_t] − logsumexp_v z_t[v]
+
+and its gradient, without ever writing the [T, V] logits:
+
+    ∂ log p(x_t) / ∂(W h_t + b) = (onehot(x_t) − softmax(z_t)) / τ,
+
+so for an upstream gradient g_t,
+
+    ∂/∂h_t = (g_t / τ) (W[x_t] − Σ_v p_tv W_v),
+    ∂/∂W_v = Σ_t (g_t / τ) (1[x_t = v] − p_tv) h_t,   ∂/∂b_v likewise without h_t.
+
+Why: f-DPG scores every sampled token under π (differentiated) and a. With a
+GPT-2 vocabulary (V = 50257) the logits of a batch dwarf everything else: 64 ×
+32 tokens give a 412 MB float32 array, and XLA on CPU spends more time on a
+row-wise logsumexp over it than on the matmul that made it. Here the vocabulary
+is visited in chunks of ``chunk_size`` rows of W: each chunk's logits [C, T]
+stay in cache, the logsumexp is merged online (running max and rescaled sum),
+and the backward pass recomputes each chunk's logits instead of storing them.
+The vocabulary is the leading axis of every chunk, so the reductions over it
+are element-wise vector operations (5x faster than the same reduction over the
+minor axis on XLA:CPU). Measured on the reference config (2 CPU cores, T =
+2048, V = 50257, D = 128): forward 3.2x faster than ``logsumexp(h @ W.T)``.
+
+Results agree with ``jax.nn.log_softmax(h @ W.T + b)`` to float32 rounding
+(the sum over the vocabulary is merely associated differently).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _logit_dtype(kernel: Array):
+  """float32, or float64 for a float64 kernel (under ``jax.enable_x64``)."""
+  return jnp.promote_types(kernel.dtype, jnp.float32)
+
+
+def _chunks(kernel: Array, bias: Optional[Array], chunk_size: int):
+  """Splits W [V, D] (and b [V]) into ``n`` full chunks [n, C, D] and a rest."""
+  vocab = kernel.shape[0]
+  size = min(chunk_size, vocab)
+  n = vocab // size
+  full = (kernel[:n * size].reshape(n, size, -1),
+          None if bias is None else bias[:n * size].reshape(n, size))
+  rest = (kernel[n * size:], None if bias is None else bias[n * size:])
+  return full, rest, n * size
+
+
+def _chunk_logits(kernel_c: Array, bias_c: Optional[Array], hidden: Array,
+                  temperature: float) -> Array:
+  """float32 [C, T]: the logits of one vocabulary chunk for every position."""
+  dtype = _logit_dtype(kernel_c)
+  z = jnp.einsum("cd,td->ct", kernel_c, hidden.astype(kernel_c.dtype),
+                 preferred_element_type=dtype)
+  if bias_c is not None:
+    z = z + bias_c.astype(dtype)[:, None]
+  if temperature != 1.0:
+    z = z / temperature
+  return z
+
+
+def _logsumexp(hidden: Array, kernel: Array, bias: Optional[Array],
+               temperature: float, chunk_size: int) -> Array:
+  """float32 [T]: ``logsumexp_v z_t[v]``, merged over vocabulary chunks."""
+
+  def merge(carry, chunk):
+    running_max, running_sum = carry
+    z = _chunk_logits(*chunk, hidden, temperature)
+    new_max = jnp.maximum(running_max, jnp.max(z, axis=0))
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    running_sum = (running_sum * jnp.exp(running_max - safe_max)
+                   + jnp.sum(jnp.exp(z - safe_max), axis=0))
+    return (new_max, running_sum), None
+
+  num_tokens = hidden.shape[0]
+  dtype = _logit_dtype(kernel)
+  carry = (jnp.full((num_tokens,), -jnp.inf, dtype),
+           jnp.zeros((num_tokens,), dtype))
+  full, rest, _ = _chunks(kernel, bias, chunk_size)
+  carry, _ = jax.lax.scan(merge, carry, full)
+  if rest[0].shape[0]:
+    carry, _ = merge(carry, rest)
+  running_max, running_sum = carry
+  return jnp.where(jnp.isfinite(running_max),
+                   running_max + jnp.log(running_sum), running_max)
+
+
+def _picked_logits(hidden, kernel, bias, tokens, temperature):
+  """float32 [T]: ``z_t[x_t]`` from the chosen rows of W only."""
+  dtype = _logit_dtype(kernel)
+  rows = jnp.take(kernel, tokens, axis=0)
+  z = jnp.einsum("td,td->t", hidden.astype(kernel.dtype), rows,
+                 preferred_element_type=dtype)
+  if bias is not None:
+    z = z + jnp.take(bias, tokens).astype(dtype)
+  return z / temperature if temperature != 1.0 else z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flat_token_log_softmax(hidden, kernel, bias, tokens, temperature,
+                            chunk_size):
+  lse = _logsumexp(hidden, kernel, bias, temperature, chunk_size)
+  return _picked_logits(hidden, kernel, bias, tokens, temperature) - lse
+
+
+def _forward(hidden, kernel, bias, tokens, temperature, chunk_size):
+  lse = _logsumexp(hidden, kernel, bias, temperature, chunk_size)
+  out = _picked_logits(hidden, kernel, bias, tokens, temperature) - lse
+  return out, (hidden, kernel, bias, tokens, lse)
+
+
+def _gradients(hidden, kernel, bias, tokens, lse, g, temperature, chunk_size):
+  """Cotangents of (hidden, kernel, bias) for ``Σ_t g_t log p(x_t)``, one pass
+  over the vocabulary chunks given the log-partition ``lse`` [T]."""
+  dtype = _logit_dtype(kernel)
+  g = g.astype(dtype) / temperature
+  # Rows whose log-partition is not finite carry no usable gradient.
+  g = jnp.where(jnp.isfinite(lse), g, 0.0)
+  h32 = hidden.astype(dtype)
+
+  def chunk_grads(grad_hidden_t, chunk):
+    kernel_c, bias_c = chunk
+    z = _chunk_logits(kernel_c, bias_c, hidden, temperature)
+    weighted = jnp.exp(z - lse[None, :]) * g[None, :]  # [C, T]: g_t p_tv / τ
+    # Accumulated as [D, T]: 1.6x faster than [T, D] on XLA:CPU.
+    grad_hidden_t = grad_hidden_t - jnp.einsum(
+        "ct,cd->dt", weighted, kernel_c.astype(dtype))
+    grad_kernel_c = -jnp.einsum("ct,td->cd", weighted, h32)
+    grad_bias_c = None if bias_c is None else -jnp.sum(weighted, axis=1)
+    return grad_hidden_t, (grad_kernel_c, grad_bias_c)
+
+  full, rest, split = _chunks(kernel, bias, chunk_size)
+  grad_hidden_t = jnp.zeros(hidden.shape[::-1], dtype)
+  grad_hidden_t, (grad_kernel, grad_bias) = jax.lax.scan(chunk_grads,
+                                                         grad_hidden_t, full)
+  grad_kernel = grad_kernel.reshape(split, -1)
+  if bias is not None:
+    grad_bias = grad_bias.reshape(split)
+  if rest[0].shape[0]:
+    grad_hidden_t, (rest_kernel, rest_bias) = chunk_grads(grad_hidden_t, rest)
+    grad_kernel = jnp.concatenate([grad_kernel, rest_kernel], axis=0)
+    if bias is not None:
+      grad_bias = jnp.concatenate([grad_bias, rest_bias], axis=0)
+  # The one-hot part: + g_t / τ at (t, x_t).
+  grad_hidden = grad_hidden_t.T + g[:, None] * jnp.take(kernel, tokens, axis=0).astype(
+      dtype)
+  grad_kernel = grad_kernel.at[tokens].add(g[:, None] * h32)
+  if bias is not None:
+    grad_bias = grad_bias.at[tokens].add(g).astype(bias.dtype)
+  return (grad_hidden.astype(hidden.dtype), grad_kernel.astype(kernel.dtype),
+          grad_bias)
+
+
+def _backward(temperature, chunk_size, residuals, g):
+  hidden, kernel, bias, tokens, lse = residuals
+  return (*_gradients(hidden, kernel, bias, tokens, lse, g, temperature,
+                      chunk_size), None)
+
+
+_flat_token_log_softmax.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flat_known_log_softmax(hidden, kernel, bias, tokens, log_probs, mask,
+                            temperature, chunk_size):
+  del hidden, kernel, bias, tokens, temperature, chunk_size
+  return jnp.where(mask, log_probs, 0.0)
+
+
+def _known_forward(hidden, kernel, bias, tokens, log_probs, mask, temperature,
+                   chunk_size):
+  out = jnp.where(mask, log_probs, 0.0)
+  # log p(x) = z[x] − lse  ⇒  lse = z[x] − log p(x); +inf off the mask, where
+  # it zeroes every probability in the backward pass.
+  lse = _picked_logits(hidden, kernel, bias, tokens, temperature) - log_probs
+  lse = jnp.where(mask, lse, jnp.inf)
+  return out, (hidden, kernel, bias, tokens, lse)
+
+
+def _known_backward(temperature, chunk_size, residuals, g):
+  hidden, kernel, bias, tokens, lse = residuals
+  return (*_gradients(hidden, kernel, bias, tokens, lse, g, temperature,
+                      chunk_size), None, None, None)
+
+
+_flat_known_log_softmax.defvjp(_known_forward, _known_backward)
+
+
+def token_log_softmax(hidden: Array, kernel: Array, bias: Optional[Array],
+                      tokens: Array, *, temperature: float = 1.0,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+  """``log softmax((kernel @ h + bias) / τ)[x]`` per position, chunked over V.
+
+  Differentiable (reverse mode) w.r.t. ``hidden``, ``kernel`` and ``bias``
+  through a custom VJP that recomputes the logits chunk by chunk (module
+  docstring); memory is O(chunk_size · T) instead of O(V · T).
+
+  Args:
+    hidden: [..., D] hidden states (any float dtype; cast to ``kernel``'s).
+    kernel: [V, D] output weights (GPT-2: the tied token embedding).
+    bias: [V] or None.
+    tokens: int [...] chosen tokens, in [0, V).
+    temperature: τ > 0 (static).
+    chunk_size: vocabulary rows per chunk (static).
+
+  Returns:
+    float32 [...] (float64 for a float64 kernel): the log-probability of
+    each chosen token.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  batch_shape = tokens.shape
+  if hidden.shape[:-1] != batch_shape:
+    raise ValueError(f"hidden {hidden.shape} and tokens {tokens.shape} must "
+                     f"share their leading axes.")
+  flat = _flat_token_log_softmax(
+      hidden.reshape(-1, hidden.shape[-1]), kernel, bias,
+      tokens.reshape(-1).astype(jnp.int32), float(temperature), int(chunk_size))
+  return flat.reshape(batch_shape)
+
+
+def known_token_log_softmax(hidden: Array, kernel: Array, bias: Optional[Array],
+                            tokens: Array, log_probs: Array, mask: Array, *,
+                            temperature: float = 1.0,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+  """``token_log_softmax`` whose values are already known: only the gradient.
+
+  On-policy, the sampler that drew ``tokens`` from this very distribution has
+  already computed ``log_probs = log softmax(z)[x]`` (``SampleOutput.
+  token_log_q``). The forward pass then returns ``where(mask, log_probs, 0)``
+  without a vocabulary pass, and the backward pass recovers the log-partition
+  from it, ``logsumexp(z_t) = z_t[x_t] − log_probs_t``, so the one vocabulary
+  pass it makes (recomputed logits, then ∂h and ∂W) is the whole cost of
+  differentiating log π.
+
+  The gradient is exact when ``log_probs`` are exact for ``hidden``; when they
+  come from another evaluation of the same model (a KV-cached decode), the
+  implied probabilities sum to 1 up to that evaluation's float rounding
+  (~1e-6 relative in float32), and so does the gradient.
+
+  Args:
+    hidden, kernel, bias, tokens, temperature, chunk_size: as in
+      ``token_log_softmax``.
+    log_probs: float [...]: the known ``log softmax(z / τ)[x]``.
+    mask: bool [...]: the positions that count; 0 and no gradient elsewhere.
+
+  Returns:
+    float32 [...] (float64 for a float64 kernel): ``where(mask, log_probs,
+    0)``.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  batch_shape = tokens.shape
+  if hidden.shape[:-1] != batch_shape or log_probs.shape != batch_shape:
+    raise ValueError(f"hidden {hidden.shape}, tokens {tokens.shape} and "
+                     f"log_probs {log_probs.shape} must share their leading "
+                     f"axes.")
+  flat = _flat_known_log_softmax(
+      hidden.reshape(-1, hidden.shape[-1]), kernel, bias,
+      tokens.reshape(-1).astype(jnp.int32),
+      log_probs.reshape(-1).astype(_logit_dtype(kernel)),
+      jnp.broadcast_to(mask, batch_shape).reshape(-1).astype(bool),
+      float(temperature), int(chunk_size))
+  return flat.reshape(batch_shape)
