@@ -6,7 +6,7 @@ constraint, GDC-style: every sample must contain one of the words "love",
 "life", "man", "time", "money", "work", "never", "people", "world", "good",
 "you", "your", "know", "think" or "day" (whole words, any case; a host-side
 `word_list` feature; base rate 38% of 48-byte samples). With this small model
-JS levels off near 80% of samples after ~250 steps (reverse KL goes further,
+JS levels off at 75-80% of samples after ~150 steps (reverse KL goes further,
 at several times the KL from the base model).
 The target is p(x) ∝ a(x)·b(x); the policy π starts from a and is trained by
 f-DPG with the Jensen–Shannon divergence (`divergence = "js"`; try
