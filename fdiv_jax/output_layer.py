@@ -111,17 +111,16 @@ def _picked_logits(hidden, kernel, bias, tokens, temperature):
   return z / temperature if temperature != 1.0 else z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flat_token_log_softmax(hidden, kernel, bias, tokens, temperature,
-                            chunk_size):
-  lse = _logsumexp(hidden, kernel, bias, temperature, chunk_size)
-  return _picked_logits(hidden, kernel, bias, tokens, temperature) - lse
-
-
 def _forward(hidden, kernel, bias, tokens, temperature, chunk_size):
   lse = _logsumexp(hidden, kernel, bias, temperature, chunk_size)
   out = _picked_logits(hidden, kernel, bias, tokens, temperature) - lse
   return out, (hidden, kernel, bias, tokens, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flat_token_log_softmax(hidden, kernel, bias, tokens, temperature,
+                            chunk_size):
+  return _forward(hidden, kernel, bias, tokens, temperature, chunk_size)[0]
 
 
 def _gradients(hidden, kernel, bias, tokens, lse, g, temperature, chunk_size):
@@ -253,7 +252,9 @@ def known_token_log_softmax(hidden: Array, kernel: Array, bias: Optional[Array],
   The gradient is exact when ``log_probs`` are exact for ``hidden``; when they
   come from another evaluation of the same model (a KV-cached decode), the
   implied probabilities sum to 1 up to that evaluation's float rounding
-  (~1e-6 relative in float32), and so does the gradient.
+  (~1e-6 relative in float32), and so does the gradient. No gradient flows
+  into ``log_probs``; a position whose ``log_probs`` is -inf (a token the
+  distribution cannot produce) gets no gradient either.
 
   Args:
     hidden, kernel, bias, tokens, temperature, chunk_size: as in
