@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0              # Polyak averaging of the policy; 0 = off
   c.proposal_update_metric = "tv"
   c.proposal_update_window = 5
+  # Online with an unwarped sampler (temperature 1, no top-k/top-p) q = π, so
+  # the sampler's log q is log π and the step only differentiates it (one
+  # vocabulary pass fewer). False rescores log π with a full forward pass, e.g.
+  # with bfloat16 activations, where a cached decode and a full forward differ
+  # by more than float32 rounding.
+  c.reuse_sampler_log_probs = True
   # Optimiser.
   c.learning_rate = 1e-4
   c.lr_schedule = "constant"
@@ -520,6 +526,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not _is_number(c.log_ratio_clip) or c.log_ratio_clip < 0:
     _fail("log_ratio_clip", f"must be >= 0 (0 = default), got {c.log_ratio_clip!r}.")
   _choice(c.proposal_update_metric, "proposal_update_metric", PROPOSAL_METRICS)
+  if not isinstance(c.reuse_sampler_log_probs, bool):
+    _fail("reuse_sampler_log_probs",
+          f"must be True or False, got {c.reuse_sampler_log_probs!r}.")
   if not (_is_number(c.learning_rate) and c.learning_rate > 0):
     _fail("learning_rate", f"must be a finite number > 0, got {c.learning_rate!r}.")
   _choice(c.lr_schedule, "lr_schedule", LR_SCHEDULES)

@@ -5,10 +5,10 @@ For each row b, with left-padded prompt c_b, the sampler draws
 as in ``fdiv_jax.scoring``) until EOS or ``max_new_tokens``, and returns
 ``token_log_q[b, n] = log q(x_n | c_b, x_<n)``, the log-probability under the
 very distribution the token was drawn from (``softmax`` of the same
-``scoring.warp_logits``, normalised by the sums the draw itself makes). Hence ``log_q[b] = sum_n token_log_q[b, n]``
-is the exact log-probability of the whole continuation, EOS included, and a
-length-capped continuation (no EOS within ``max_new_tokens``) has the
-probability of its tokens.
+``scoring.warp_logits``, normalised by the sums the draw itself makes).
+Hence ``log_q[b] = sum_n token_log_q[b, n]`` is the exact log-probability of
+the whole continuation, EOS included, and a length-capped continuation (no
+EOS within ``max_new_tokens``) has the probability of its tokens.
 
 Layout (shared with ``scoring.sequence_log_probs``):
 

@@ -19,8 +19,8 @@ Warping (applied to float32 logits in this order, as Hugging Face does):
 
 The warped distribution is ``softmax(z)`` on the kept support and exactly 0
 elsewhere (log-prob -inf). The sampler (``fdiv_jax.sampling``) draws from
-``softmax(warp_logits(...))`` and reports its log-probabilities, so its log q and a
-rescoring here agree up to float rounding of the two forward passes.
+``softmax(warp_logits(...))`` and reports its log-probabilities, so its log q
+and a rescoring here agree up to float rounding of the two forward passes.
 """
 
 import dataclasses

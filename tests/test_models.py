@@ -7,19 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import models
+from fdiv_jax import models, output_layer
 
 V = 11
 
 
-def _make(kind, dtype=jnp.float32):
+def _make(kind, dtype=jnp.float32, param_dtype=None):
+  param_dtype = dtype if param_dtype is None else param_dtype
   if kind == "gpt2":
     return models.GPT2LM(models.GPT2Config(
         vocab_size=V, n_positions=16, n_layer=2, n_head=2, n_embd=16,
-        dtype=dtype, param_dtype=dtype))
+        dtype=dtype, param_dtype=param_dtype))
   return models.LSTMLM(models.LSTMConfig(
       vocab_size=V, embed_dim=8, hidden_size=16, num_layers=2, dtype=dtype,
-      param_dtype=dtype))
+      param_dtype=param_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +112,31 @@ def test_bfloat16_activations_give_float32_logits(kind):
   assert 0 < np.max(np.abs(logits16 - logits32)) < 0.15
   lp = jax.nn.log_softmax(logits16)
   np.testing.assert_allclose(jnp.exp(lp).sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "lstm"])
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, jnp.bfloat16)])
+def test_output_layer_holds_the_weights_of_unembed(kind, dtype, param_dtype):
+  """``output_layer()`` is what scoring multiplies by, chunk by chunk: it must
+  give ``unembed``'s float32 logits exactly, whatever the dtypes."""
+  model = _make(kind, dtype, param_dtype)
+  params = jax.tree.map(lambda x: x.astype(param_dtype), _init(_make(kind)))
+  hidden = _apply(model, params, TOKENS, method="hidden_states")
+  kernel, bias = _apply(model, params, method="output_layer")
+  logits = jnp.einsum("btd,vd->btv", hidden.astype(kernel.dtype), kernel,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  want = _apply(model, params, hidden, method="unembed")
+  assert logits.dtype == want.dtype == jnp.float32
+  np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5)
+  picked = output_layer.token_log_softmax(hidden, kernel, bias, TOKENS,
+                                          chunk_size=4)
+  np.testing.assert_allclose(
+      picked, jnp.take_along_axis(jax.nn.log_softmax(want), TOKENS[..., None],
+                                  axis=-1)[..., 0], rtol=0, atol=1e-5)
 
 
 def test_gpt2_too_long_is_a_value_error():

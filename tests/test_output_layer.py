@@ -154,3 +154,27 @@ def test_bad_arguments_name_the_field():
     output_layer.token_log_softmax(hidden, kernel, b, tokens, chunk_size=0)
   with pytest.raises(ValueError, match="leading axes"):
     output_layer.token_log_softmax(hidden[:, :2], kernel, b, tokens)
+
+
+def test_a_whole_chunk_of_impossible_tokens_is_handled_exactly():
+  """Logits of -inf (masked-out vocabulary entries) for an entire chunk: the
+  running max is -inf there, which must not turn the merge into NaN."""
+  with jax.enable_x64(True):
+    hidden, kernel, b, tokens, upstream = _problem(40, dtype=jnp.float64)
+    b = b.at[:16].set(-jnp.inf)
+    tokens = jnp.where(tokens < 16, tokens + 16, tokens)
+
+    def chunked(h, w, bb):
+      return output_layer.token_log_softmax(h, w, bb, tokens, chunk_size=16)
+
+    def dense(h, w, bb):
+      return _dense(h, w, bb, tokens, 1.0)
+
+    np.testing.assert_allclose(chunked(hidden, kernel, b),
+                               dense(hidden, kernel, b), rtol=0, atol=1e-12)
+    got = _grads(chunked, hidden, kernel, b, upstream)
+    want = _grads(dense, hidden, kernel, b, upstream)
+    for g, w in zip(got[:2], want[:2]):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got[2][16:], want[2][16:], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got[2][:16], 0.0)

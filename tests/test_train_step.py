@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import toy_task
-from fdiv_jax import features, targets
+from fdiv_jax import features, output_layer, targets
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
@@ -136,3 +136,50 @@ def test_eval_step_metrics_match_exact_values():
   assert float(m["alignment"]) == pytest.approx(exact.alignment, abs=0.05)
   for name in ("tv", "js", "forward_kl"):
     assert float(m[name]) == pytest.approx(exact.divergences[name], abs=0.05), name
+
+
+def _one_step_metrics(**overrides):
+  config = toy_task.toy_config(**overrides)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  _, metrics, _ = run(task, config, 1)
+  return jax.device_get(metrics)
+
+
+def _count_known_path_calls(monkeypatch):
+  calls = []
+  known = output_layer.known_token_log_softmax
+
+  def counting(*args, **kwargs):
+    calls.append(1)
+    return known(*args, **kwargs)
+
+  monkeypatch.setattr(output_layer, "known_token_log_softmax", counting)
+  return calls
+
+
+def test_on_policy_step_differentiates_the_samplers_log_q(monkeypatch):
+  """Online and unwarped, q = π: log π is the sampler's log q (π/q exactly 1)
+  and only its gradient is computed; loss and gradient equal a rescoring's."""
+  calls = _count_known_path_calls(monkeypatch)
+  fast = _one_step_metrics()
+  assert calls, "the on-policy step did not reuse the sampler's log q"
+  calls.clear()
+  full = _one_step_metrics(reuse_sampler_log_probs=False)
+  assert not calls
+  assert fast["importance_weight_mean"] == 1.0
+  assert full["importance_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+  for key in ("loss", "grad_norm", "pseudo_reward_mean", "advantage_std", "js"):
+    assert fast[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("warping", [dict(temperature=0.8), dict(top_k=2),
+                                     dict(mode="offline")])
+def test_log_pi_is_rescored_whenever_q_is_not_pi(warping, monkeypatch):
+  calls = _count_known_path_calls(monkeypatch)
+  fast = _one_step_metrics(**warping)
+  assert not calls
+  full = _one_step_metrics(reuse_sampler_log_probs=False, **warping)
+  for key in fast:
+    np.testing.assert_array_equal(fast[key], full[key], err_msg=key)
+  if "mode" not in warping:  # Offline starts with q = π exactly, by value.
+    assert abs(fast["importance_weight_mean"] - 1.0) > 1e-3

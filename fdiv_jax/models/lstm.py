@@ -128,9 +128,11 @@ class LSTMLM(nn.Module):
     return self.out(hidden.astype(jnp.float32))
 
   def output_layer(self) -> Tuple[Array, Array]:
-    """``(kernel [V, H], bias [V])`` with ``unembed(h) = h @ kernel.T + bias``."""
+    """``(kernel [V, H], bias [V])`` with ``unembed(h) = h @ kernel.T + bias``,
+    float32 like ``unembed`` whatever ``param_dtype``."""
     params = self.out.variables["params"]
-    return params["kernel"].T, params["bias"]
+    return (params["kernel"].T.astype(jnp.float32),
+            params["bias"].astype(jnp.float32))
 
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                attention_mask: Optional[Array] = None,

@@ -128,7 +128,8 @@ def make_train_step(config, model, target,
 
   Args:
     config: the run config; fields used: `divergence` (and `alpha`), `mode`
-      ("online" | "offline"), `max_new_tokens`, `temperature`, `top_k`, `top_p`,
+      ("online" | "offline"), `reuse_sampler_log_probs`, `max_new_tokens`,
+      `temperature`, `top_k`, `top_p`,
       `baseline*`, `log_ratio_clip` (0 = dtype default), `ema_decay`,
       `proposal_update_metric`, `proposal_update_window`.
     model: the Flax language model shared by π, a and q.
@@ -145,7 +146,8 @@ def make_train_step(config, model, target,
   baseline = state_lib.baseline_from_config(config)
   offline = config.mode == "offline"
   # The proposal is π itself, unwarped: the sampler's log q is log π.
-  on_policy = not offline and sampler.warping == scoring.Warping()
+  on_policy = (bool(config.reuse_sampler_log_probs) and not offline
+               and sampler.warping == scoring.Warping())
   clip = float(config.log_ratio_clip) if config.log_ratio_clip else None
   ema_decay = float(config.ema_decay)
   metric_name = config.proposal_update_metric
@@ -167,8 +169,8 @@ def make_train_step(config, model, target,
 
     def loss_fn(params):
       # On-policy (q = π exactly), the sampler's log q is log π: only its
-      # gradient is computed, and π/q is 1 up to the order of a float sum
-      # (rather than up to the rounding of two forward passes).
+      # gradient is computed, and π/q is exactly 1 (rather than 1 up to the
+      # rounding of two forward passes).
       known = scored.token_log_q if on_policy else None
       _, log_model = scoring.sequence_log_probs(
           model, params, batch.prompts, batch.prompt_lengths, scored.tokens,
