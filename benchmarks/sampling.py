@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import models
-from fdiv_jax import sampling
+from fdiv_jax.lm import models
+from fdiv_jax.lm import sampling
 
 HF_ANCHOR_TOKENS_PER_S = 1100.0  # HF generate, batch 64 x 32, this machine.
 

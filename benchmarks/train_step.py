@@ -24,8 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import features, models, sampling, scoring, targets
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.targets import features
+from fdiv_jax.lm import models, sampling, scoring
+from fdiv_jax import targets
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib

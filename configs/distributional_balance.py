@@ -27,7 +27,7 @@ A GPU/TPU run with an imported GPT-2:
 
 import ml_collections
 
-from fdiv_jax import config as config_lib
+from fdiv_jax.run import config as config_lib
 
 
 def get_config(size: str = "") -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ GPT-2 words do not matter here, since `word_list` matches decoded text:
 
 import ml_collections
 
-from fdiv_jax import config as config_lib
+from fdiv_jax.run import config as config_lib
 
 
 def get_config(size: str = "") -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ grows: --config.batch_size=4096 --config.eval_batch_size=4096.
 
 import ml_collections
 
-from fdiv_jax import config as config_lib
+from fdiv_jax.run import config as config_lib
 
 
 def get_config(size: str = "") -> ml_collections.ConfigDict:

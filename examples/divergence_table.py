@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import divergences, estimators
+from fdiv_jax.core import divergences, estimators
 
 
 def main():

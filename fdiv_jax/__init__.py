@@ -1,38 +1,60 @@
 """fdiv_jax: aligning language models with preferences by f-divergence minimisation.
 
-The pure core (``divergences``, ``estimators``, ``losses``, ``baselines``) imports
-nothing but JAX and NumPy. Everything that needs Flax, Optax or Orbax (models,
-sampling, training) is imported lazily, on first attribute access, so that other
-JAX projects can reuse the estimators without pulling those in.
+The package is layered; each layer imports only the ones above it here:
+
+  core/     divergences, estimators, losses, baselines, qrs   JAX + NumPy only
+  lm/       models, tokenization, output_layer, scoring,      + Flax
+            sampling, enumeration, pretrain
+  targets/  target EBMs, features, λ fitting, reward model    + the LM layer's types
+  train/    f-DPG state, the jitted step, sharding,           + Optax, Orbax
+            checkpoints, the host loop (typed objects only)
+  run/      config, tasks, evaluation, reporting, metrics     + ml_collections
+  main.py   ``python -m fdiv_jax.main --config=... --workdir=...``
+
+The core is imported here eagerly (it is light); everything else on first
+attribute access, so ``from fdiv_jax import divergences, estimators, losses``
+pulls in neither Flax nor Optax. The short names of the flat layout of earlier
+versions (``fdiv_jax.models``, ``fdiv_jax.sampling``, ``fdiv_jax.features``,
+...) keep working as aliases of the modules in their layer.
 """
 
 import importlib
+import sys
 
-from fdiv_jax import baselines, divergences, estimators, losses
+from fdiv_jax.core import baselines, divergences, estimators, losses, qrs
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_LAZY_SUBMODULES = (
-    "features",
-    "metrics",
-    "models",
-    "output_layer",
-    "qrs",
-    "reward_model",
-    "sampling",
-    "scoring",
-    "targets",
-    "tokenization",
-    "train",
-)
+# Public short name -> the module in its layer (imported on first access).
+_LAZY_SUBMODULES = {
+    "models": "fdiv_jax.lm.models",
+    "tokenization": "fdiv_jax.lm.tokenization",
+    "output_layer": "fdiv_jax.lm.output_layer",
+    "scoring": "fdiv_jax.lm.scoring",
+    "sampling": "fdiv_jax.lm.sampling",
+    "enumeration": "fdiv_jax.lm.enumeration",
+    "pretrain": "fdiv_jax.lm.pretrain",
+    "targets": "fdiv_jax.targets",
+    "features": "fdiv_jax.targets.features",
+    "reward_model": "fdiv_jax.targets.reward_model",
+    "train": "fdiv_jax.train",
+    "config": "fdiv_jax.run.config",
+    "metrics": "fdiv_jax.run.metrics",
+}
+
+for _name, _module in (("baselines", baselines), ("divergences", divergences),
+                       ("estimators", estimators), ("losses", losses), ("qrs", qrs)):
+  sys.modules.setdefault(f"fdiv_jax.{_name}", _module)
 
 
 def __getattr__(name):
   if name in _LAZY_SUBMODULES:
-    module = importlib.import_module(f"fdiv_jax.{name}")
+    module = importlib.import_module(_LAZY_SUBMODULES[name])
     globals()[name] = module
+    sys.modules.setdefault(f"fdiv_jax.{name}", module)
     return module
   raise AttributeError(f"module 'fdiv_jax' has no attribute {name!r}")
 
 
-__all__ = ["baselines", "divergences", "estimators", "losses", *_LAZY_SUBMODULES]
+__all__ = ["baselines", "divergences", "estimators", "losses", "qrs",
+           *_LAZY_SUBMODULES]

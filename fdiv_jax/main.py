@@ -75,7 +75,7 @@ class Evaluator:
 
   def __init__(self, config, task):
     import jax  # pylint: disable=g-import-not-at-top
-    from fdiv_jax import sampling  # pylint: disable=g-import-not-at-top
+    from fdiv_jax.lm import sampling  # pylint: disable=g-import-not-at-top
     self.config, self.task = config, task
     self.plain = sampling.SamplerConfig(
         max_new_tokens=task.sampler.max_new_tokens, eos_id=task.sampler.eos_id,
@@ -93,7 +93,7 @@ class Evaluator:
     return batch, _decode(self.task, out.tokens, out.mask)
 
   def extra_metrics(self, params, base_params, step: int) -> dict[str, float]:
-    from fdiv_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    from fdiv_jax.run import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     _, (texts, token_lists) = self.samples(params, step, self.num_diversity)
     result = metrics_lib.diversity_report(texts, token_lists)
     if getattr(self.task, "support", None) is not None:
@@ -115,7 +115,7 @@ def _prompt_texts(task) -> list[str]:
 
 
 def write_samples(path: str, config, task, evaluator, state) -> str:
-  from fdiv_jax import reporting  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.run import reporting  # pylint: disable=g-import-not-at-top
   prompts = _prompt_texts(task)
   per_prompt = max(int(config.num_samples_md), 1)
   n = per_prompt * len(prompts)
@@ -143,10 +143,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     config.ConfigError: a bad config value (nothing has been written yet).
     train.CheckpointError: the workdir's checkpoint cannot be restored.
   """
-  from fdiv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
   enable_compilation_cache()
-  from fdiv_jax import reporting, tasks  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.run import reporting, tasks  # pylint: disable=g-import-not-at-top
   from fdiv_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   task = tasks.build(config)  # may raise ConfigError; still nothing written
 
@@ -239,7 +239,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from fdiv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
   from fdiv_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import baselines
+from fdiv_jax.core import baselines
 
 
 def test_moving_average_window():

@@ -1,4 +1,4 @@
-"""Tests for fdiv_jax.config: defaults, feature specs and every validation error.
+"""Tests for fdiv_jax.run.config: defaults, feature specs and every validation error.
 
 Each invalid case asserts that the `ConfigError` names its field
 (``config.<field>: ...``) and, where there is a fixed set, the allowed values.
@@ -6,8 +6,8 @@ Each invalid case asserts that the `ConfigError` names its field
 
 import pytest
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import features
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.targets import features
 
 ConfigError = config_lib.ConfigError
 

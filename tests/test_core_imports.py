@@ -8,7 +8,7 @@ def test_core_does_not_import_heavy_frameworks():
   code = (
       "import sys\n"
       "from fdiv_jax import baselines, divergences, estimators, losses\n"
-      "import fdiv_jax.divergences, fdiv_jax.estimators, fdiv_jax.losses\n"
+      "import fdiv_jax.core.divergences, fdiv_jax.core.estimators, fdiv_jax.core.losses\n"
       "heavy = {'flax', 'orbax', 'ml_collections', 'optax', 'torch', 'transformers'}\n"
       "loaded = sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
       "assert not loaded, loaded\n"

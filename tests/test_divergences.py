@@ -12,7 +12,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from fdiv_jax import divergences
+from fdiv_jax.core import divergences
 
 mpmath.mp.dps = 60
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import divergences, estimators
+from fdiv_jax.core import divergences, estimators
 
 K = 12
 ALL = [divergences.get(n) for n in divergences.NAMES if n != "alpha"] + [

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import features
+from fdiv_jax.targets import features
 from fdiv_jax import targets
 
 PAD = 0

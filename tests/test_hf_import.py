@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import models
-from fdiv_jax import scoring
+from fdiv_jax.lm import models
+from fdiv_jax.lm import scoring
 
 # Test-only dependencies, in the "dev" extra (CPU torch==2.13.0): a missing one
 # is a failure, not a skip.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import baselines, divergences, losses
+from fdiv_jax.core import baselines, divergences, losses
 
 K = 10
 ALL = [divergences.get(n) for n in divergences.NAMES if n != "alpha"] + [

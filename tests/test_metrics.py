@@ -1,4 +1,4 @@
-"""Tests for fdiv_jax.metrics: exact values on hand-made inputs."""
+"""Tests for fdiv_jax.run.metrics: exact values on hand-made inputs."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
-from fdiv_jax import metrics
+from fdiv_jax.run import metrics
 
 
 class TestDistinctN:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import models, output_layer
+from fdiv_jax.lm import models, output_layer
 
 V = 11
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import output_layer
+from fdiv_jax.lm import output_layer
 
 
 def _problem(vocab, width=6, shape=(3, 5), bias=True, seed=0, dtype=jnp.float32):

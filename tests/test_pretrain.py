@@ -1,4 +1,4 @@
-"""Tests for fdiv_jax.pretrain: data layout, a few steps of a tiny model, the
+"""Tests for fdiv_jax.lm.pretrain: data layout, a few steps of a tiny model, the
 checkpoint round trip and the shipped checkpoint."""
 
 import math
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import pretrain
-from fdiv_jax.tokenization import ByteTokenizer
+from fdiv_jax.lm import pretrain
+from fdiv_jax.lm.tokenization import ByteTokenizer
 
 TINY = pretrain.PretrainConfig(n_layer=1, n_head=2, n_embd=16, seq_len=32,
                                batch_size=4, steps=12, warmup_steps=2,

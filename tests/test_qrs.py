@@ -10,8 +10,8 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from fdiv_jax import features
-from fdiv_jax import qrs
+from fdiv_jax.targets import features
+from fdiv_jax.core import qrs
 from fdiv_jax import targets
 
 V, N = 3, 4

@@ -1,4 +1,4 @@
-"""Tests for fdiv_jax.reporting."""
+"""Tests for fdiv_jax.run.reporting."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from fdiv_jax import reporting
+from fdiv_jax.run import reporting
 
 
 def _lines(path):

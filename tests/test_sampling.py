@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fdiv_jax import models
-from fdiv_jax import sampling
-from fdiv_jax import scoring
+from fdiv_jax.lm import models
+from fdiv_jax.lm import sampling
+from fdiv_jax.lm import scoring
 
 EOS = 4
 PAD = 0

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import models
-from fdiv_jax import sampling
-from fdiv_jax import scoring
+from fdiv_jax.lm import models
+from fdiv_jax.lm import sampling
+from fdiv_jax.lm import scoring
 
 
 def _probs(logits, **warping):

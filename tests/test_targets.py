@@ -15,8 +15,8 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from fdiv_jax import estimators
-from fdiv_jax import features
+from fdiv_jax.core import estimators
+from fdiv_jax.targets import features
 from fdiv_jax import targets
 
 V, N = 3, 4

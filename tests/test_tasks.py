@@ -1,4 +1,4 @@
-"""Tests for fdiv_jax.tasks: `build` on every config in configs/ (tiny sizes,
+"""Tests for fdiv_jax.run.tasks: `build` on every config in configs/ (tiny sizes,
 no training), batches, λ fitting, exact-metric support and build-time errors.
 
 Configs on the shipped pretrained model are built on it when the checkpoint is
@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import enumeration
-from fdiv_jax import models
-from fdiv_jax import pretrain
-from fdiv_jax import sampling
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.lm import enumeration
+from fdiv_jax.lm import models
+from fdiv_jax.lm import pretrain
+from fdiv_jax.lm import sampling
 from fdiv_jax import targets
-from fdiv_jax import tasks
-from fdiv_jax import tokenization
+from fdiv_jax.run import tasks
+from fdiv_jax.lm import tokenization
 from fdiv_jax.train import state as state_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(

@@ -6,7 +6,7 @@ import tokenizers
 from tokenizers import models as tk_models
 from tokenizers import pre_tokenizers
 
-from fdiv_jax import tokenization
+from fdiv_jax.lm import tokenization
 
 
 def test_byte_tokenizer_round_trip_and_specials():

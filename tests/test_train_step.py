@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import toy_task
-from fdiv_jax import features, output_layer, targets
+from fdiv_jax.targets import features
+from fdiv_jax.lm import output_layer
+from fdiv_jax import targets
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import enumeration, features, models, targets
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.lm import enumeration, models
+from fdiv_jax.targets import features
+from fdiv_jax import targets
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
 

@@ -16,7 +16,7 @@
 
 `task` is any object with `model`, `params`, `base_params`, `target`,
 `sampler`, `num_contexts` and `batch(step, batch_size) -> Batch` (see
-`fdiv_jax.tasks.Task`).
+`fdiv_jax.run.tasks.Task`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from fdiv_jax import baselines, estimators
+from fdiv_jax.core import baselines, estimators
 
 Array = jax.Array
 

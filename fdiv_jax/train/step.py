@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import divergences, estimators, losses, sampling, scoring
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.core import divergences, estimators, losses
+from fdiv_jax.lm import sampling, scoring
 from fdiv_jax.train import state as state_lib
 
 Array = jax.Array

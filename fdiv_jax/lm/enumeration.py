@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import divergences, scoring
+from fdiv_jax.core import divergences
+from fdiv_jax.lm import scoring
 
 Array = jax.Array
 

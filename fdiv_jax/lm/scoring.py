@@ -18,7 +18,7 @@ Warping (applied to float32 logits in this order, as Hugging Face does):
    how it is found (without sorting; see ``warp_logits``).
 
 The warped distribution is ``softmax(z)`` on the kept support and exactly 0
-elsewhere (log-prob -inf). The sampler (``fdiv_jax.sampling``) draws from
+elsewhere (log-prob -inf). The sampler (``fdiv_jax.lm.sampling``) draws from
 ``softmax(warp_logits(...))`` and reports its log-probabilities, so its log q
 and a rescoring here agree up to float rounding of the two forward passes.
 """
@@ -29,8 +29,8 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax import output_layer
-from fdiv_jax.models import base
+from fdiv_jax.lm import output_layer
+from fdiv_jax.lm.models import base
 
 Array = jax.Array
 
@@ -166,7 +166,7 @@ def sequence_log_probs(model, params, prompts: Array, prompt_lengths: Array,
   Differentiable w.r.t. ``params``.
 
   Args:
-    model: a ``fdiv_jax.models.base.LanguageModel``.
+    model: a ``fdiv_jax.lm.models.base.LanguageModel``.
     params: its parameters.
     prompts: int32 [B, P], left-padded (see ``sampling.pad_prompts``).
     prompt_lengths: int32 [B], each >= 1.
@@ -203,7 +203,7 @@ def sequence_log_probs(model, params, prompts: Array, prompt_lengths: Array,
                      f"top-p truncation; got {w}.")
   if not truncated:
     # log softmax(z)[x] = z[x] − logsumexp(z), with the logsumexp merged over
-    # vocabulary chunks (fdiv_jax.output_layer): the [B, N, V] logits are
+    # vocabulary chunks (fdiv_jax.lm.output_layer): the [B, N, V] logits are
     # never written (3x faster forward at V = 50257). With known values only
     # the gradient is computed.
     kernel, bias = model.apply(variables, method="output_layer")

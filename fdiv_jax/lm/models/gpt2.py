@@ -10,7 +10,7 @@ module is deterministic.
 Parameter names follow Hugging Face's ``GPT2LMHeadModel`` (``wte``, ``wpe``,
 ``h_{i}/{ln_1,attn/c_attn,attn/c_proj,ln_2,mlp/c_fc,mlp/c_proj}``, ``ln_f``),
 and Hugging Face's ``Conv1D`` weights ``[in, out]`` are Flax ``Dense`` kernels
-as they are, which keeps ``fdiv_jax.models.hf_import`` a renaming.
+as they are, which keeps ``fdiv_jax.lm.models.hf_import`` a renaming.
 
 Dtypes: parameters are stored in ``param_dtype``, activations are computed in
 ``dtype`` (e.g. bfloat16); attention softmax and the output logits are always
@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax.models import base
+from fdiv_jax.lm.models import base
 
 Array = jax.Array
 
@@ -194,7 +194,7 @@ class Block(nn.Module):
 
 
 class GPT2LM(nn.Module):
-  """GPT-2 language model implementing ``fdiv_jax.models.base.LanguageModel``.
+  """GPT-2 language model implementing ``fdiv_jax.lm.models.base.LanguageModel``.
 
   ``apply(v, tokens [B, T], positions=None, attention_mask=None,
   return_hidden=False)`` returns float32 logits [B, T, V] (and the final

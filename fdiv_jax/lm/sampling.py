@@ -2,7 +2,7 @@
 
 For each row b, with left-padded prompt c_b, the sampler draws
 ``x_n ~ q(. | c_b, x_<n) = warp(model(c_b, x_<n))`` (temperature, top-k, top-p
-as in ``fdiv_jax.scoring``) until EOS or ``max_new_tokens``, and returns
+as in ``fdiv_jax.lm.scoring``) until EOS or ``max_new_tokens``, and returns
 ``token_log_q[b, n] = log q(x_n | c_b, x_<n)``, the log-probability under the
 very distribution the token was drawn from (``softmax`` of the same
 ``scoring.warp_logits``, normalised by the sums the draw itself makes).
@@ -20,7 +20,7 @@ Layout (shared with ``scoring.sequence_log_probs``):
   after EOS), ``mask`` (True up to and including EOS), ``token_log_q``
   (0 where mask is False), ``log_q`` [B] and ``lengths`` [B].
 
-The model is driven through ``fdiv_jax.models.base.LanguageModel``: one
+The model is driven through ``fdiv_jax.lm.models.base.LanguageModel``: one
 ``decode`` call prefills the cache with the prompts, then each step decodes
 the previous token (all rows write the same cache column, which left padding
 makes possible). The loop is a ``lax.while_loop`` that stops early once every
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import scoring
-from fdiv_jax.models import base
+from fdiv_jax.lm import scoring
+from fdiv_jax.lm.models import base
 
 Array = jax.Array
 
@@ -210,7 +210,7 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
   top_k).
 
   Args:
-    model: a ``fdiv_jax.models.base.LanguageModel``.
+    model: a ``fdiv_jax.lm.models.base.LanguageModel``.
     params: its parameters.
     rng: a PRNG key.
     prompts: int32 [B, P], left-padded (see module docstring).

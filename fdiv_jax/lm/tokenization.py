@@ -5,7 +5,7 @@ Interface (both classes): ``vocab_size``, ``eos_id``, ``pad_id``, ``bos_id``,
 ``encode(text) -> list[int]`` (no special tokens added),
 ``decode(ids) -> str`` (special tokens dropped) and
 ``batch_decode(tokens [B, N], mask [B, N]) -> list[str]`` (the layout of
-``fdiv_jax.sampling.SampleOutput``: only ``mask``-ed tokens, EOS dropped).
+``fdiv_jax.lm.sampling.SampleOutput``: only ``mask``-ed tokens, EOS dropped).
 """
 
 from typing import Iterable, List, Optional, Sequence

@@ -1,6 +1,6 @@
 """The interface every language model in ``fdiv_jax`` implements.
 
-The sampler (``fdiv_jax.sampling``), the scorer (``fdiv_jax.scoring``) and the
+The sampler (``fdiv_jax.lm.sampling``), the scorer (``fdiv_jax.lm.scoring``) and the
 train step code against this protocol only, so they work unchanged with
 ``GPT2LM`` and ``LSTMLM``.
 
@@ -9,7 +9,7 @@ Conventions (B = batch, T = tokens in this call, V = vocabulary, D = width):
 * ``tokens``: int32 [B, T].
 * ``attention_mask``: bool [B, T], True for real tokens, False for padding.
   Padding may appear anywhere; the library left-pads prompts (see
-  ``fdiv_jax.sampling.pad_prompts``). Padded positions never influence real
+  ``fdiv_jax.lm.sampling.pad_prompts``). Padded positions never influence real
   positions; their own outputs are finite but meaningless.
 * ``positions``: int32 [B, T], the position id of each token. When omitted,
   ``positions = max(cumsum(attention_mask) - 1, 0)`` (so a left-padded row
@@ -46,7 +46,7 @@ except ``init_cache``, which needs no parameters)::
 
   model.apply(v, method="output_layer") -> (kernel [V, D], bias [V] or None)
       The weights of ``unembed``: ``unembed(h) = h @ kernel.T + bias`` in
-      float32. Scoring passes them to ``fdiv_jax.output_layer`` so that the
+      float32. Scoring passes them to ``fdiv_jax.lm.output_layer`` so that the
       [B, N, V] logits are never written.
 
 Properties: ``vocab_size`` (int) and ``max_positions`` (int, or None when the

@@ -3,7 +3,7 @@
 Task configs in `configs/` start from `base_config()` and override what they
 need; `validate(config)` checks every field before anything expensive starts and
 raises `ConfigError` naming the field and the allowed values.
-`fdiv_jax.tasks.build(config)` turns a validated config into the pieces of a
+`fdiv_jax.run.tasks.build(config)` turns a validated config into the pieces of a
 run (model, tokenizer, target, prompts).
 """
 
@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from fdiv_jax import baselines, divergences, features
+from fdiv_jax.core import baselines, divergences
+from fdiv_jax.targets import features
 
 MODES = ("online", "offline")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -27,10 +28,11 @@ MODEL_KINDS = ("pretrained", "gpt2", "lstm", "hf")
 TOKENIZERS = ("byte", "hf", "toy")
 PROMPT_SAMPLING = ("cycle", "random")
 DTYPES = ("float32", "bfloat16")
-# The shipped demo checkpoint (`fdiv_jax.pretrain.PRETRAINED_DIR`), named here
+# The shipped demo checkpoint (`fdiv_jax.lm.pretrain.PRETRAINED_DIR`), named here
 # without importing Flax so that `validate` stays cheap.
-PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              "data", "pretrained")
+PRETRAINED_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+    "pretrained")
 TOY_MAX_VOCAB = 27               # id 0 (BOS/EOS/pad) + the letters a..z
 MAX_EXACT_SUPPORT = 100_000      # sequences enumerated by `exact_metrics`
 MIN_FIT_SAMPLES = 16
@@ -87,9 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices.
   c.mesh_data = -1               # -1: every device not used by fsdp
   c.mesh_fsdp = 1
-  # Model (see `fdiv_jax.tasks`):
+  # Model (see `fdiv_jax.run.tasks`):
   #   "pretrained": the shipped byte-level demo model (`model.path` empty) or a
-  #                 `fdiv_jax.pretrain` checkpoint directory; its own sizes win.
+  #                 `fdiv_jax.lm.pretrain` checkpoint directory; its own sizes win.
   #   "gpt2"/"lstm": random init of the sizes below, seeded by `seed` (LSTM:
   #                 embedding and hidden width n_embd, n_layer layers).
   #   "hf":         a local Hugging Face GPT-2 directory (`model.path`, with
@@ -116,8 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt_sampling = "cycle"
   # Exact metrics by enumeration (toy spaces only): `tasks.Task.support`.
   c.exact_metrics = False
-  # Target (see `fdiv_jax.tasks.target_config`). Feature specs are a registry
-  # name from `fdiv_jax.features.names()`, "name:key=value,key=value" (a value
+  # Target (see `fdiv_jax.run.tasks.target_config`). Feature specs are a registry
+  # name from `fdiv_jax.targets.features.names()`, "name:key=value,key=value" (a value
   # "a|b" is the tuple ("a", "b"); values are Python literals or plain
   # strings), or a mapping {"name": ..., **kwargs}. E.g.
   # "word_list:words=love|life|time", "contains_tokens:token_ids=1".
@@ -179,7 +181,7 @@ def _in_unit(c, field: str, closed_high: bool = False, what: str = ""):
 # Feature specs.
 # --------------------------------------------------------------------------
 
-# Arguments `fdiv_jax.tasks` passes to every feature factory that takes them.
+# Arguments `fdiv_jax.run.tasks` passes to every feature factory that takes them.
 SHARED_FEATURE_ARGS = ("decode", "encode")
 
 
@@ -296,7 +298,7 @@ def model_max_positions(c) -> int | None:
   if kind == "pretrained":
     path = os.path.join(c.model.path or PRETRAINED_DIR, "config.json")
     meta = _read_json(path, "model.path", "pretrained checkpoint (config.json; "
-                      "train one with `python -m fdiv_jax.pretrain --out=DIR`)")
+                      "train one with `python -m fdiv_jax.lm.pretrain --out=DIR`)")
     return int(meta["model_config"]["n_positions"])
   meta = _read_json(os.path.join(c.model.path, "config.json"), "model.path",
                     "Hugging Face config.json")
@@ -391,7 +393,7 @@ def _validate_model(c):
       _fail("model.vocab_size", f"must be in [2, {TOY_MAX_VOCAB}] with the toy "
             f"tokenizer, got {c.model.vocab_size}.")
     if c.tokenizer == "byte":
-      from fdiv_jax import tokenization  # pylint: disable=g-import-not-at-top
+      from fdiv_jax.lm import tokenization  # pylint: disable=g-import-not-at-top
       needed = tokenization.ByteTokenizer().vocab_size
       if c.model.vocab_size < needed:
         _fail("model.vocab_size", f"must be >= {needed} (the byte tokenizer's "

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax import divergences
+from fdiv_jax.core import divergences
 
 Array = jax.Array
 

@@ -54,12 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax import config as config_lib
-from fdiv_jax import enumeration
-from fdiv_jax import models
-from fdiv_jax import sampling
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.lm import enumeration
+from fdiv_jax.lm import models
+from fdiv_jax.lm import sampling
 from fdiv_jax import targets as targets_lib
-from fdiv_jax import tokenization
+from fdiv_jax.lm import tokenization
 from fdiv_jax.train import state as state_lib
 
 ConfigError = config_lib.ConfigError
@@ -70,7 +70,7 @@ class ToyTokenizer:
 
   Id 0 is BOS, EOS and pad at once (GPT-2's ``<|endoftext|>`` convention);
   ids 1..V-1 are the letters "a", "b", ... (V <= 27). Same interface as
-  ``fdiv_jax.tokenization``: ``vocab_size``, ``bos_id``, ``eos_id``,
+  ``fdiv_jax.lm.tokenization``: ``vocab_size``, ``bos_id``, ``eos_id``,
   ``pad_id``, ``encode``, ``decode``, ``batch_decode``.
   """
 
@@ -218,7 +218,7 @@ def build_model(config) -> tuple[Any, Any, Any]:
   m = config.model
   dtype = _dtype(m.dtype)
   if m.kind == "pretrained":
-    from fdiv_jax import pretrain  # pylint: disable=g-import-not-at-top
+    from fdiv_jax.lm import pretrain  # pylint: disable=g-import-not-at-top
     model, params, tokenizer = pretrain.load_pretrained(
         m.path or config_lib.PRETRAINED_DIR)
     if model.config.dtype != dtype:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
-from fdiv_jax.models import gpt2
+from fdiv_jax.lm.models import gpt2
 
 _UNSUPPORTED_TRUE = ("add_cross_attention", "scale_attn_by_inverse_layer_idx")
 

@@ -5,7 +5,7 @@ it trains one on ``fdiv_jax/data/corpus.txt`` (fortune-cookie passages, see
 ``fdiv_jax/data/README.md``) and ships the result in
 ``fdiv_jax/data/pretrained/``. Usage::
 
-  python -m fdiv_jax.pretrain --out=/tmp/base_lm  # the shipped model's settings
+  python -m fdiv_jax.lm.pretrain --out=/tmp/base_lm  # the shipped model's settings
 
 writes ``OUT/config.json`` (model config, tokenizer ids, training summary) and
 ``OUT/params.msgpack`` (``flax.serialization.to_bytes`` of the params), which
@@ -42,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fdiv_jax import sampling
-from fdiv_jax.models import GPT2Config
-from fdiv_jax.models import GPT2LM
-from fdiv_jax.tokenization import ByteTokenizer
+from fdiv_jax.lm import sampling
+from fdiv_jax.lm.models import GPT2Config
+from fdiv_jax.lm.models import GPT2LM
+from fdiv_jax.lm.tokenization import ByteTokenizer
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 CORPUS_PATH = os.path.join(DATA_DIR, "corpus.txt")
 PRETRAINED_DIR = os.path.join(DATA_DIR, "pretrained")
 CONFIG_FILE = "config.json"

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fdiv_jax import features as features_lib
+from fdiv_jax.targets import features as features_lib
 
 Array = jax.Array
 Params = Any

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax import divergences
+from fdiv_jax.core import divergences
 
 Array = jax.Array
 
@@ -85,7 +85,7 @@ def fdpg_loss(d: divergences.Divergence | str,
     log_proposal: [N] log q(x_i) of the distribution that drew x_i.
     log_target: [N] log P(x_i) (−inf allowed).
     log_z: scalar or [N] (per context) log Ẑ.
-    baseline: scalar or [N] baseline b (see `fdiv_jax.baselines`); must not depend
+    baseline: scalar or [N] baseline b (see `fdiv_jax.core.baselines`); must not depend
       on x_i's own log π to stay unbiased (leave-one-out is fine).
     mask: optional [N] bool, True for real samples (False: padding, ignored).
     log_ratio_clip: the bound c above; None for the dtype default.

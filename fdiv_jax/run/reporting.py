@@ -16,14 +16,14 @@ with a meaning here:
                           ``moment/<feature>``)
 ``forward_kl`` (``fkl``), divergences of π to the target p: KL(p‖π),
 ``reverse_kl`` (``rkl``), KL(π‖p), TV, JS, and the other names of
-``tv``, ``js``,           ``fdiv_jax.divergences``; any other divergence to
+``tv``, ``js``,           ``fdiv_jax.core.divergences``; any other divergence to
 ``pearson_chi2``,         the target as ``div_<name>``
 ``neyman_chi2``,
 ``hellinger``, ``alpha``,
 ``div_*``
 ``kl_from_base``          KL(π‖a), from the base model (alias ``kl_base``)
 (``kl_base``)
-``distinct_1/2/3``,       diversity (``fdiv_jax.metrics.diversity_report``)
+``distinct_1/2/3``,       diversity (``fdiv_jax.run.metrics.diversity_report``)
 ``self_bleu``
 ``samples_per_sec``       throughput, shown by the progress bar
 ========================  =================================================

@@ -64,7 +64,7 @@ _ScanLSTM = nn.scan(_MaskedLSTMStep, variable_broadcast="params",
 
 
 class LSTMLM(nn.Module):
-  """LSTM language model implementing ``fdiv_jax.models.base.LanguageModel``.
+  """LSTM language model implementing ``fdiv_jax.lm.models.base.LanguageModel``.
 
   The decode cache is ``{"c": (c_1, ...), "h": (h_1, ...), "index"}`` with
   ``c_l, h_l`` of shape [B, H] in ``dtype``; ``init_cache`` ignores
