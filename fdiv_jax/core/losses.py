@@ -1,4 +1,4 @@
-"""The f-DPG policy-gradient loss (Go et al., ICML 2023, arXiv 2302.08215).
+"""The f-DPG policy-gradient loss, in parts (Go et al., ICML 2023, arXiv 2302.08215).
 
 Gradient identity: for π_θ and a target p = P/Z,
 
@@ -10,11 +10,18 @@ in DPG: Khalifa et al., ICLR 2021) each term is weighted by w = π(x)/q(x), also
 constant. A baseline b that does not depend on the sample's own score function
 leaves the expectation unchanged, since E_π[∇ log π] = 0.
 
-The surrogate whose gradient is the estimate:
+One step, in the order the quantities are computed, x_i ~ q:
 
-    L(θ) = −(1/N) Σ_i w_i (R_i − b_i) log π_θ(x_i),   x_i ~ q.
+    ℓ_i = log π(x_i) − log P(x_i) + log Z     `log_ratio`          log t = log π/p
+    R_i = −f'(exp ℓ_i)                        `pseudo_rewards`     (ℓ clipped)
+    w_i = π(x_i)/q(x_i)                       `importance_weights`
+    A_i = R_i − b_i                           (b from `fdiv_jax.core.baselines`)
+    s_i = −w_i A_i log π_θ(x_i)               `surrogate`          per example
 
-This module imports only JAX.
+and the loss is the masked mean of s; its gradient in θ is an unbiased estimate of
++∇D_f(π‖p). `fdpg_loss` composes the parts. Every function takes [N] arrays (one
+entry per sample), checks their shapes, and works under `jit`, `vmap` and `grad`
+in float32 and float64. This module imports only JAX (and chex for the checks).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fdiv_jax.core import _checks
 from fdiv_jax.core import divergences
 
 Array = jax.Array
@@ -43,6 +51,125 @@ def default_log_ratio_clip(dtype, d: divergences.Divergence | None = None) -> fl
   if d is not None and d.alpha is not None:
     growth = max(growth, abs(d.alpha - 1.0))
   return math.floor(math.log(float(jnp.finfo(dtype).max)) / (2.0 * growth))
+
+
+def _float_dtype(*arrays) -> Any:
+  return jnp.result_type(*[jnp.asarray(a).dtype for a in arrays], jnp.float32)
+
+
+def log_ratio(log_model: Array, log_target: Array, log_z: Array | float) -> Array:
+  """ℓ = log π(x) − log P(x) + log Z, the log of t = π/p; no gradient.
+
+  A violated hard constraint (log P = −inf) is ℓ = +inf whatever log Z is, so a
+  context whose Ẑ is still 0 (log Ẑ = −inf: none of its samples satisfied the
+  constraint yet) gives +inf rather than NaN (−(−inf) + (−inf)).
+
+  Args:
+    log_model: [N] log π(x_i).
+    log_target: [N] log P(x_i) (−inf allowed).
+    log_z: scalar or [N] (per context) log Ẑ.
+
+  Returns:
+    [N] ℓ, a stop-gradient.
+  """
+  _checks.samples("log_ratio", log_model=log_model, log_target=log_target)
+  _checks.scalar_or_samples("log_ratio", log_model, log_z=log_z)
+  dtype = _float_dtype(log_model, log_target, log_z)
+  log_model = jax.lax.stop_gradient(jnp.asarray(log_model, dtype))
+  log_target = jnp.asarray(log_target, dtype)
+  log_z = jnp.asarray(log_z, dtype)
+  return jax.lax.stop_gradient(jnp.where(
+      log_target == -jnp.inf, jnp.inf, log_model - log_target + log_z))
+
+
+def clip_log_ratio(d: divergences.Divergence, log_t: Array, *,
+                   log_ratio_clip: float | None = None) -> Array:
+  """ℓ clipped to [−c, c] before f' (c: `log_ratio_clip` or the dtype default).
+
+  Where f'(∞) is finite (forward KL, TV, JS, Neyman χ², Hellinger, α < 1) a
+  violated sample's pseudo-reward is then within e^{−c} of its exact limit
+  −f'(∞); where f'(∞) = +∞ (reverse KL, Pearson χ², α > 1) the exact
+  pseudo-reward is −∞ and the sample gets the large finite −f'(e^c) instead. On
+  the other side, ℓ < −c (π far below p) caps R = −f'(e^{−c}) for the
+  divergences whose f'(0) = −∞.
+  """
+  log_t = jnp.asarray(log_t)
+  c = (default_log_ratio_clip(log_t.dtype, d) if log_ratio_clip is None
+       else log_ratio_clip)
+  return jnp.clip(log_t, -c, c)
+
+
+def pseudo_rewards(d: divergences.Divergence | str, log_model: Array,
+                   log_target: Array, log_z: Array | float, *,
+                   log_ratio_clip: float | None = None) -> Array:
+  """R = −f'(t(x)), t = π/p: the reward whose REINFORCE descends D_f(π‖p).
+
+  ℓ = `log_ratio`(log π, log P, log Z), clipped by `clip_log_ratio`. A
+  stop-gradient: R is held constant in the policy gradient.
+
+  Args:
+    d: a `divergences.Divergence` or its name (D_f(π‖p), f as in
+      `fdiv_jax.core.divergences`).
+    log_model: [N] log π(x_i).
+    log_target: [N] log P(x_i) (−inf allowed: a violated hard constraint).
+    log_z: scalar or [N] (per context) log Ẑ.
+    log_ratio_clip: the bound c of `clip_log_ratio`; None for the dtype default.
+
+  Returns:
+    [N] pseudo-rewards.
+  """
+  d = divergences.get(d)
+  ell = log_ratio(log_model, log_target, log_z)
+  return d.pseudo_reward(clip_log_ratio(d, ell, log_ratio_clip=log_ratio_clip))
+
+
+def importance_weights(log_model: Array, log_proposal: Array) -> Array:
+  """w = π(x)/q(x) for x ~ q (exactly 1 on-policy); a stop-gradient.
+
+  Args:
+    log_model: [N] log π(x_i).
+    log_proposal: [N] log q(x_i) of the distribution that drew x_i.
+
+  Returns:
+    [N] weights.
+  """
+  _checks.samples("importance_weights", log_model=log_model,
+                  log_proposal=log_proposal)
+  dtype = _float_dtype(log_model, log_proposal)
+  log_w = (jnp.asarray(log_model, dtype) - jnp.asarray(log_proposal, dtype))
+  return jnp.exp(jax.lax.stop_gradient(log_w))
+
+
+def surrogate(log_model: Array, weights: Array, advantages: Array) -> Array:
+  """Per-example policy-gradient surrogate s_i = −w_i · A_i · log π_θ(x_i).
+
+  Only `log_model` carries a gradient (w and A are stop-gradients here), so
+  ∇_θ mean_i s_i = −mean_i w_i A_i ∇_θ log π_θ(x_i), the f-DPG estimate of
+  +∇D_f(π‖p) when A = R − b. Reduce it with `masked_mean`.
+
+  Args:
+    log_model: [N] log π_θ(x_i), differentiable.
+    weights: [N] importance weights π/q.
+    advantages: [N] R − b.
+
+  Returns:
+    [N] per-example surrogate values.
+  """
+  _checks.samples("surrogate", log_model=log_model, weights=weights,
+                  advantages=advantages)
+  weights = jax.lax.stop_gradient(weights)
+  advantages = jax.lax.stop_gradient(advantages)
+  return -weights * advantages * log_model
+
+
+def masked_mean(values: Array, mask: Array | None = None) -> Array:
+  """Σ_i m_i v_i / max(Σ_i m_i, 1); entries off the mask never reach the value
+  or the gradient (even when they are inf or NaN)."""
+  if mask is None:
+    return jnp.mean(values)
+  _checks.samples("masked_mean", values=values, mask=mask)
+  count = jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
+  return jnp.sum(jnp.where(mask, values, 0.0)) / count
 
 
 def fdpg_loss(d: divergences.Divergence | str,
@@ -67,17 +194,12 @@ def fdpg_loss(d: divergences.Divergence | str,
 
   Minimising the loss lowers D_f(π‖p): with the whole finite support as samples and
   a uniform q, its gradient equals ∇ `divergences.exact` exactly, for any constant
-  baseline.
+  baseline. The composition of `pseudo_rewards`, `importance_weights`,
+  `surrogate` and `masked_mean`.
 
   Violated hard constraints (log P = −inf, ℓ = +inf) and other extreme ratios: ℓ
-  is clipped to [−c, c] before f' (c = `log_ratio_clip`, by default
-  `default_log_ratio_clip(dtype, d)`: 22 in float32, 177 in float64), so the update
-  is always finite. Where f'(∞) is finite (forward KL, TV, JS, Neyman χ²,
-  Hellinger, α < 1) a violated sample's pseudo-reward is within e^{−c} of its
-  exact limit −f'(∞); where f'(∞) = +∞ (reverse KL, Pearson χ², α > 1) the exact
-  pseudo-reward is −∞ and the sample gets the large finite −f'(e^c) instead. On
-  the other side, ℓ < −c (π far below p) caps R = −f'(e^{−c}) for the divergences
-  whose f'(0) = −∞. `aux["num_clipped"]` counts the clipped samples.
+  is clipped (`clip_log_ratio`) before f', so the update is always finite;
+  `aux["num_clipped"]` counts the clipped samples.
 
   Args:
     d: a `divergences.Divergence` or its name.
@@ -85,10 +207,10 @@ def fdpg_loss(d: divergences.Divergence | str,
     log_proposal: [N] log q(x_i) of the distribution that drew x_i.
     log_target: [N] log P(x_i) (−inf allowed).
     log_z: scalar or [N] (per context) log Ẑ.
-    baseline: scalar or [N] baseline b (see `fdiv_jax.core.baselines`); must not depend
-      on x_i's own log π to stay unbiased (leave-one-out is fine).
+    baseline: scalar or [N] baseline b (see `fdiv_jax.core.baselines`); must not
+      depend on x_i's own log π to stay unbiased (leave-one-out is fine).
     mask: optional [N] bool, True for real samples (False: padding, ignored).
-    log_ratio_clip: the bound c above; None for the dtype default.
+    log_ratio_clip: the bound c of `clip_log_ratio`; None for the dtype default.
 
   Returns:
     (loss, aux): the scalar surrogate and a dict of [N] arrays "log_ratio" (ℓ,
@@ -96,46 +218,28 @@ def fdpg_loss(d: divergences.Divergence | str,
     "mean_pseudo_reward", "mean_advantage", "mean_importance_weight",
     "num_clipped".
   """
-  d = divergences.get(d) if isinstance(d, str) else d
-  log_model = jnp.asarray(log_model)
-  dtype = jnp.result_type(log_model.dtype, jnp.float32)
-  log_model = log_model.astype(dtype)
-  log_proposal = jnp.asarray(log_proposal, dtype)
-  log_target = jnp.asarray(log_target, dtype)
-  log_z = jnp.asarray(log_z, dtype)
-  clip = (default_log_ratio_clip(dtype, d) if log_ratio_clip is None
-          else log_ratio_clip)
-
-  fixed_log_model = jax.lax.stop_gradient(log_model)
-  # A violated constraint is ℓ = +inf whatever log Ẑ is; written out so that a
-  # context whose Ẑ is still 0 (log Ẑ = −inf: no sample of it satisfied the
-  # constraint yet) gives +inf rather than NaN (−(−inf) + (−inf)).
-  log_ratio = jax.lax.stop_gradient(jnp.where(
-      log_target == -jnp.inf, jnp.inf, fixed_log_model - log_target + log_z))
-  clipped = jnp.clip(log_ratio, -clip, clip)
-  pseudo_reward = d.pseudo_reward(clipped)
-  log_weight = jax.lax.stop_gradient(fixed_log_model - log_proposal)
-  weight = jnp.exp(log_weight)
-  advantage = jax.lax.stop_gradient(pseudo_reward - baseline)
-
-  m = jnp.ones_like(log_model) if mask is None else mask.astype(dtype)
-  count = jnp.maximum(jnp.sum(m), 1.0)
-  # The where keeps padding rows (whose log π may be anything) out of the value
-  # and out of the gradient.
-  per_sample = jnp.where(m > 0, -weight * advantage * log_model, 0.0)
-  loss = jnp.sum(per_sample) / count
-
-  def mean(x):
-    return jnp.sum(jnp.where(m > 0, x, 0.0)) / count
-
+  d = divergences.get(d)
+  _checks.samples("fdpg_loss", log_model=log_model, log_proposal=log_proposal,
+                  log_target=log_target, mask=mask)
+  _checks.scalar_or_samples("fdpg_loss", log_model, log_z=log_z,
+                            baseline=baseline)
+  dtype = _float_dtype(log_model)
+  log_model = jnp.asarray(log_model).astype(dtype)
+  ell = log_ratio(log_model, jnp.asarray(log_target, dtype), jnp.asarray(log_z, dtype))
+  clipped = clip_log_ratio(d, ell, log_ratio_clip=log_ratio_clip)
+  rewards = d.pseudo_reward(clipped)
+  weights = importance_weights(log_model, jnp.asarray(log_proposal, dtype))
+  advantages = jax.lax.stop_gradient(rewards - baseline)
+  loss = masked_mean(surrogate(log_model, weights, advantages), mask)
+  m = jnp.ones(log_model.shape, bool) if mask is None else mask
   aux = {
-      "log_ratio": log_ratio,
-      "pseudo_reward": pseudo_reward,
-      "importance_weight": weight,
-      "advantage": advantage,
-      "mean_pseudo_reward": mean(pseudo_reward),
-      "mean_advantage": mean(advantage),
-      "mean_importance_weight": mean(weight),
-      "num_clipped": jnp.sum(jnp.where(m > 0, jnp.abs(log_ratio) > clip, False)),
+      "log_ratio": ell,
+      "pseudo_reward": rewards,
+      "importance_weight": weights,
+      "advantage": advantages,
+      "mean_pseudo_reward": masked_mean(rewards, m),
+      "mean_advantage": masked_mean(advantages, m),
+      "mean_importance_weight": masked_mean(weights, m),
+      "num_clipped": jnp.sum(m & (clipped != ell) & ~jnp.isnan(ell)),
   }
   return loss, aux
