@@ -167,15 +167,18 @@ def test_wrong_output_shape_names_the_feature():
 
 
 def test_registry_errors():
-  with pytest.raises(ValueError, match="unknown feature 'sentimnt'.*sentiment"):
-    features.get("sentimnt")
+  valid = "valid names: " + ", ".join(features.names())
+  for build in (features.get, features.from_spec):
+    with pytest.raises(ValueError, match="unknown feature 'sentimnt'") as e:
+      build("sentimnt")
+    assert valid in str(e.value)
   with pytest.raises(ValueError, match="'sentiment'.*missing.*decode"):
     features.get("sentiment")
   with pytest.raises(ValueError, match="'length'.*unknown argument.*'colour'"):
     features.get("length", colour="red")
   with pytest.raises(ValueError, match="needs decode"):
     features.sentiment(None)
-  with pytest.raises(ValueError, match="missing field 'name'"):
+  with pytest.raises(ValueError, match="no 'name' key"):
     features.from_spec({"token_ids": [1]})
   with pytest.raises(ValueError, match="regex.pattern"):
     features.regex("(", decode)
@@ -192,3 +195,40 @@ def test_from_spec_passes_shared_arguments():
                              decode=decode, encode=encode)
   np.testing.assert_array_equal(words(tokens, mask), [1, 1])
   assert features.from_spec("length").name == "length"
+
+
+def test_from_spec_reads_the_string_grammar():
+  feat = features.from_spec("count_tokens:token_ids=3|4,label=three_four")
+  assert feat.name == "three_four" and not feat.is_boolean
+  np.testing.assert_array_equal(feat(TOKENS, MASK), [1, 2, 5, 0])
+  words = features.from_spec("word_list:words=novel|friends",
+                             decode=decode)
+  tokens, mask = batch(["a novel", "my friends", "nothing"])
+  np.testing.assert_array_equal(words(tokens, mask), [1, 1, 0])
+  with pytest.raises(ValueError, match="not key=value"):
+    features.from_spec("word_list:words")
+  with pytest.raises(ValueError, match="'length'.*unknown argument.*'colour'"):
+    features.from_spec("length:colour=red")
+
+
+def test_parse_spec():
+  parse = features.parse_spec
+  assert parse("sentiment") == {"name": "sentiment"}
+  assert parse("word_list:words=love|life,label=ll") == {
+      "name": "word_list", "words": ("love", "life"), "label": "ll"}
+  assert parse("contains_tokens:token_ids=1") == {
+      "name": "contains_tokens", "token_ids": 1}
+  assert parse("offensive:threshold=None") == {"name": "offensive",
+                                               "threshold": None}
+  assert parse(" length : max_length = 8 ") == {"name": "length",
+                                                "max_length": 8}
+  assert parse({"name": "regex", "pattern": "a{1,3}"}) == {
+      "name": "regex", "pattern": "a{1,3}"}
+  # Names are not looked up here (get / from_spec do that, once).
+  assert parse("no_such_feature") == {"name": "no_such_feature"}
+  for bad, why in (("", "non-empty"), ("  ", "non-empty"),
+                   ("word_list:words", "not key=value"),
+                   ("word_list:=x", "not key=value"),
+                   ({"words": "x"}, "no 'name' key"), (3, "non-empty")):
+    with pytest.raises(ValueError, match=why):
+      parse(bad)

@@ -296,19 +296,21 @@ def test_moment_out_of_reach_is_refused():
   for idx, word in ((never, "constant"), (always, "constant")):
     with pytest.raises(ValueError, match=f"'has2'.*{word}"):
       target.fit(TOKENS[idx], MASK[idx], LOG_A[idx], LOG_A[idx])
-  with pytest.raises(ValueError, match="'has2'.*boundary"):
-    targets.DistributionalTarget((F_HAS2,), (1.0,)).fit(
-        TOKENS, MASK, LOG_A, LOG_A)
   counts_low = np.flatnonzero(COUNT1 <= 1)
+  low = (TOKENS[counts_low], MASK[counts_low], LOG_A[counts_low],
+         LOG_A[counts_low])
+  # Inside the feature's range, but on the boundary of what the samples reach.
+  with pytest.raises(ValueError, match="'count1'.*boundary"):
+    targets.DistributionalTarget((F_COUNT1,), (1.0,)).fit(*low)
   with pytest.raises(ValueError, match="'count1'.*outside the range"):
-    targets.DistributionalTarget((F_COUNT1,), (3.0,)).fit(
-        TOKENS[counts_low], MASK[counts_low], LOG_A[counts_low],
-        LOG_A[counts_low])
-  # Outside the feature's own value range: refused at construction.
-  with pytest.raises(ValueError, match="'has2'.*value range"):
-    targets.DistributionalTarget((F_HAS2,), (1.5,))
-  with pytest.raises(ValueError, match="'count1'.*value range"):
-    targets.DistributionalTarget((F_COUNT1,), (-0.1,))
+    targets.DistributionalTarget((F_COUNT1,), (3.0,)).fit(*low)
+  # On or outside the feature's own value range: refused at construction.
+  for feat, moment in ((F_HAS2, 1.0), (F_HAS2, 0.0), (F_HAS2, 1.5),
+                       (F_COUNT1, -0.1), (F_COUNT1, 4.0)):
+    with pytest.raises(ValueError, match=(
+        rf"^moments: moment .* of feature '{feat.name}' must lie strictly "
+        r"inside its range .*pointwise constraint")):
+      targets.DistributionalTarget((feat,), (moment,))
 
 
 def test_non_convergence_warns():
@@ -333,20 +335,60 @@ def test_unfitted_lambdas_refused():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf"),
+                                  "1.0", None, True])
 def test_bad_beta(beta):
-  with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+  with pytest.raises(ValueError, match=r"^beta: must be a finite number > 0"):
     targets.RewardTarget(F_COUNT1, beta)
-  with pytest.raises(ValueError, match="beta"):
-    targets.reward_log_prob(LOG_A, COUNT1, beta)
+  if not isinstance(beta, (str, type(None), bool)):
+    with pytest.raises(ValueError, match="beta"):
+      targets.reward_log_prob(LOG_A, COUNT1, beta)
 
 
 def test_bad_feature_shape_names_the_feature():
   bad = features.Feature("bad_shape", lambda t, m, c=None: jnp.sum(t, -1)[:, None])
   with pytest.raises(ValueError, match="feature 'bad_shape' returned shape"):
     targets.RewardTarget(bad, 1.0).log_prob(TOKENS, MASK, LOG_A)
-  with pytest.raises(ValueError, match="'bad_shape' is not boolean"):
-    targets.PointwiseTarget(bad)
+  with pytest.raises(ValueError, match="^constraints: needs at least one"):
+    targets.PointwiseTarget(())
+  with pytest.raises(ValueError,
+                     match=r"^constraints\[1\]: feature 'bad_shape' is not "
+                     "boolean"):
+    targets.PointwiseTarget((F_HAS2, bad))
+
+
+def test_constructor_errors_start_with_the_parameter():
+  cases = [
+      (lambda: targets.PointwiseTarget((F_HAS2, "has2")), TypeError,
+       r"^constraints\[1\]: expected a features.Feature"),
+      (lambda: targets.RewardTarget("length", 1.0), TypeError, "^reward: "),
+      (lambda: targets.DistributionalTarget((), ()), ValueError,
+       "^features: needs at least one feature, e.g. one of: .*length"),
+      (lambda: targets.DistributionalTarget((F_HAS2,), (0.5, 0.5)), ValueError,
+       r"^moments: one target moment per feature \(1\), got 2\.$"),
+      (lambda: targets.DistributionalTarget((F_HAS2,), (None,)), ValueError,
+       "^moments: entry 0 must be a finite number, got None"),
+      (lambda: targets.DistributionalTarget((F_HAS2,), (0.5,), (1.0, 2.0)),
+       ValueError, "^lambdas: must be empty .* or 1 finite numbers"),
+      (lambda: targets.DistributionalTarget((F_HAS2,), (0.5,), (np.nan,)),
+       ValueError, "^lambdas: "),
+      (lambda: targets.ProductTarget(()), ValueError, "^factors: "),
+      (lambda: targets.ProductTarget((F_HAS2,)), TypeError,
+       r"^factors\[0\]: "),
+      (lambda: targets.ProductTarget((targets.PointwiseTarget(F_HAS2),), 1),
+       ValueError, "^alignment_index: "),
+      (lambda: targets.ConditionalTarget(F_HAS2), TypeError, "^target: "),
+  ]
+  for make, error, pattern in cases:
+    with pytest.raises(error, match=pattern):
+      make()
+
+
+def test_distributional_lambdas_normalised():
+  empty = targets.DistributionalTarget((F_HAS2,), np.array([0.5]), ())
+  assert empty.lambdas is None and empty.moments == (0.5,)
+  fixed = targets.DistributionalTarget((F_HAS2,), [0.5], np.array([2]))
+  assert fixed.lambdas == (2.0,) and isinstance(fixed.lambdas[0], float)
 
 
 def test_from_config():
@@ -366,13 +408,30 @@ def test_from_config():
   cond = targets.from_config({"kind": "conditional", "target": {
       "kind": "distributional", "features": ["length"], "moments": [3.0]}})
   assert isinstance(cond.target, targets.DistributionalTarget)
-  with pytest.raises(ValueError, match="'kind'"):
+  assert cond.target.lambdas is None
+  fixed = targets.from_config({"kind": "distributional", "features": "length",
+                               "moments": [3.0], "lambdas": [0.5]})
+  assert fixed.lambdas == (0.5,)
+  with pytest.raises(ValueError, match="^kind: must be one of .*product"):
     targets.from_config({"kind": "pointwize"})
-  with pytest.raises(ValueError, match="'beta'"):
+  with pytest.raises(ValueError, match="^beta: missing"):
     targets.from_config({"kind": "reward", "feature": "length"})
-  with pytest.raises(ValueError, match="beta must be"):
+  with pytest.raises(ValueError, match="^beta: must be"):
     targets.from_config({"kind": "reward", "feature": "length", "beta": -2})
-  with pytest.raises(ValueError, match="unknown feature 'nope'.*length"):
+  with pytest.raises(ValueError,
+                     match=r"^features\[0\]: unknown feature 'nope'.*length"):
     targets.from_config({"kind": "pointwise", "features": ["nope"]})
-  with pytest.raises(ValueError, match="'moments'"):
+  with pytest.raises(ValueError, match="^moments: missing"):
     targets.from_config({"kind": "distributional", "features": ["length"]})
+  # The same checks as TargetSpec, with the path inside nested targets.
+  with pytest.raises(ValueError, match="^moments: is only used by a "
+                     "distributional target"):
+    targets.from_config({"kind": "pointwise", "features": ["length"],
+                         "moments": [1.0]})
+  with pytest.raises(ValueError, match=r"^factors\[1\]\.beta: must be"):
+    targets.from_config({"kind": "product", "factors": [
+        {"kind": "reward", "feature": "length", "beta": 1.0},
+        {"kind": "reward", "feature": "length", "beta": 0.0}]})
+  with pytest.raises(ValueError, match=r"^target\.features\[0\]: .*boolean"):
+    targets.from_config({"kind": "conditional", "target": {
+        "kind": "pointwise", "features": ["length"]}})

@@ -21,6 +21,19 @@ from fdiv_jax.lm import scoring
 
 Array = jax.Array
 
+MAX_SUPPORT = 100_000  # Most sequences an exact-metrics run enumerates.
+
+
+def support_size(vocab_size: int, max_new_tokens: int) -> int:
+  """S = Σ_{n=1..N} (V−1)^(n−1) + (V−1)^N: continuations with one EOS.
+
+  The number of rows of ``all_continuations(vocab_size, max_new_tokens,
+  eos_id)`` with an EOS id, computed without enumerating them.
+  """
+  others = vocab_size - 1
+  return sum(others ** (n - 1) for n in range(1, max_new_tokens + 1)) + (
+      others ** max_new_tokens)
+
 
 class Support(NamedTuple):
   """Every possible continuation, padded like `sampling.SampleOutput`."""

@@ -1,7 +1,8 @@
-"""Tokenizers with one small interface: a built-in byte tokenizer and
-Hugging Face ``tokenizer.json`` files (through the ``tokenizers`` library).
+"""Tokenizers with one small interface: a built-in byte tokenizer, the toy
+tokenizer of enumerable spaces, and Hugging Face ``tokenizer.json`` files
+(through the ``tokenizers`` library).
 
-Interface (both classes): ``vocab_size``, ``eos_id``, ``pad_id``, ``bos_id``,
+Interface (every class): ``vocab_size``, ``eos_id``, ``pad_id``, ``bos_id``,
 ``encode(text) -> list[int]`` (no special tokens added),
 ``decode(ids) -> str`` (special tokens dropped) and
 ``batch_decode(tokens [B, N], mask [B, N]) -> list[str]`` (the layout of
@@ -40,6 +41,57 @@ class ByteTokenizer(_BatchDecodeMixin):
   def decode(self, ids: Iterable[int]) -> str:
     data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
     return data.decode("utf-8", errors="replace")
+
+
+TOY_MAX_VOCAB = 27  # Id 0 (BOS/EOS/pad) + the letters a..z.
+
+
+class ToyTokenizer(_BatchDecodeMixin):
+  """Tokenizer of the enumerable toy spaces: ids 0..V-1, V <= 27.
+
+  Id 0 is BOS, EOS and pad at once (GPT-2's ``<|endoftext|>`` convention);
+  ids 1..V-1 are the letters "a", "b", ...: "a" → 1, "b" → 2, ...
+
+  Attributes:
+    vocab_size: V, in [2, ``TOY_MAX_VOCAB``].
+  """
+
+  bos_id = eos_id = pad_id = 0
+
+  def __init__(self, vocab_size: int):
+    if (not isinstance(vocab_size, (int, np.integer))
+        or isinstance(vocab_size, bool)
+        or not 2 <= vocab_size <= TOY_MAX_VOCAB):
+      raise ValueError(f"vocab_size: must be an integer in [2, "
+                       f"{TOY_MAX_VOCAB}], got {vocab_size!r}.")
+    self.vocab_size = int(vocab_size)
+
+  def _letters(self) -> str:
+    """The letters this vocabulary encodes, e.g. "a..c"."""
+    last = chr(ord("a") + self.vocab_size - 2)
+    return "a" if last == "a" else f"a..{last}"
+
+  def encode(self, text: str) -> List[int]:
+    """"a" → 1, "b" → 2, ...; raises ValueError for any other character."""
+    ids = []
+    for ch in text:
+      if not "a" <= ch <= "z":
+        raise ValueError(
+            f"the toy tokenizer only encodes the letters a..z (vocab_size "
+            f"{self.vocab_size}: {self._letters()}); got {ch!r} in {text!r}.")
+      token_id = ord(ch) - ord("a") + 1
+      if token_id >= self.vocab_size:
+        raise ValueError(
+            f"the toy tokenizer with vocab_size {self.vocab_size} encodes "
+            f"only {self._letters()} (ids 1..{self.vocab_size - 1}); got "
+            f"{ch!r} (id {token_id}) in {text!r}.")
+      ids.append(token_id)
+    return ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The letters of ids 1..V-1; id 0 (special) and others are dropped."""
+    return "".join(chr(ord("a") + int(i) - 1) for i in ids
+                   if 0 < int(i) < self.vocab_size)
 
 
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")

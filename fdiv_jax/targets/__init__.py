@@ -15,7 +15,8 @@ module             idea                            main names
 ``features``       b(x), φ(x), r(x) catalogue      ``Feature``, ``get``,
                                                    ``from_spec``
 ``reward_model``   Bradley–Terry reward model      ``RewardModel``
-``spec``           targets from a description      ``from_config``
+``spec``           targets from a description      ``TargetSpec``,
+                                                   ``from_config``
 =================  ==============================  =============================
 
 ``from fdiv_jax import targets`` gives every name above.
@@ -29,11 +30,12 @@ from fdiv_jax.targets.energies import (distributional_log_prob,
                                        log_partition_per_context,
                                        pointwise_log_prob, reward_log_prob)
 from fdiv_jax.targets.lambdas import LambdaFit, LambdaFitWarning, fit_lambdas
-from fdiv_jax.targets.spec import from_config
+from fdiv_jax.targets.spec import TargetSpec, from_config
 
 __all__ = [
     "ConditionalTarget", "DistributionalTarget", "LambdaFit", "LambdaFitWarning",
-    "PointwiseTarget", "ProductTarget", "RewardTarget", "check_context",
-    "distributional_log_prob", "features", "fit_lambdas", "from_config",
-    "log_partition_per_context", "pointwise_log_prob", "reward_log_prob",
+    "PointwiseTarget", "ProductTarget", "RewardTarget", "TargetSpec",
+    "check_context", "distributional_log_prob", "features", "fit_lambdas",
+    "from_config", "log_partition_per_context", "pointwise_log_prob",
+    "reward_log_prob",
 ]

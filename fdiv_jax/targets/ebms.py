@@ -41,6 +41,7 @@ self-normalised importance sampling from samples of a proposal q.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -49,8 +50,7 @@ import numpy as np
 
 from fdiv_jax.targets import features as features_lib
 from fdiv_jax.targets import lambdas as lambdas_lib
-from fdiv_jax.targets.energies import (_check_beta, _float_dtype,
-                                       distributional_log_prob,
+from fdiv_jax.targets.energies import (_float_dtype, distributional_log_prob,
                                        pointwise_log_prob)
 
 Array = jax.Array
@@ -62,16 +62,37 @@ Context = Mapping[str, Array] | None
 # --------------------------------------------------------------------------
 
 
-def _as_features(feats: Any, field: str) -> tuple[Feature, ...]:
+def _as_features(feats: Any, param: str) -> tuple[Feature, ...]:
+  """``feats`` (one Feature or several) as a non-empty tuple of Features."""
   if isinstance(feats, Feature):
     feats = (feats,)
   feats = tuple(feats)
-  for f in feats:
+  for i, f in enumerate(feats):
     if not isinstance(f, Feature):
-      raise TypeError(f"{field}: expected features.Feature, got {type(f)}")
+      raise TypeError(
+          f"{param}[{i}]: expected a features.Feature, got {type(f).__name__}.")
   if not feats:
-    raise ValueError(f"{field}: needs at least one feature")
+    raise ValueError(f"{param}: needs at least one feature, e.g. one of: "
+                     f"{', '.join(features_lib.names())}.")
   return feats
+
+
+def _finite(value: Any) -> float | None:
+  """``value`` as a float if it is a finite real number, else None."""
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    return None
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    return None
+  return x if math.isfinite(x) else None
+
+
+def _entries(values: Any) -> list[Any]:
+  """The entries of a sequence, or of an array flattened."""
+  if isinstance(values, (list, tuple)):
+    return list(values)
+  return np.ravel(np.asarray(values)).tolist()
 
 
 class _Target:
@@ -103,12 +124,13 @@ class PointwiseTarget(_Target):
   constraints: tuple[Feature, ...]
 
   def __post_init__(self):
-    feats = _as_features(self.constraints, "PointwiseTarget.constraints")
-    for f in feats:
+    feats = _as_features(self.constraints, "constraints")
+    for i, f in enumerate(feats):
       if not f.is_boolean:
         raise ValueError(
-            f"PointwiseTarget.constraints: feature {f.name!r} is not boolean; "
-            "use a DistributionalTarget or a RewardTarget for real features")
+            f"constraints[{i}]: feature {f.name!r} is not boolean, so it "
+            "cannot be a pointwise constraint; use kind='distributional' or "
+            "'reward'.")
     object.__setattr__(self, "constraints", feats)
 
   @property
@@ -139,11 +161,12 @@ class RewardTarget(_Target):
 
   def __post_init__(self):
     if not isinstance(self.reward, Feature):
-      raise TypeError(
-          f"RewardTarget.reward: expected features.Feature, got "
-          f"{type(self.reward)}")
-    _check_beta(self.beta, "RewardTarget.beta")
-    object.__setattr__(self, "beta", float(self.beta))
+      raise TypeError(f"reward: expected a features.Feature, got "
+                      f"{type(self.reward).__name__}.")
+    beta = _finite(self.beta)
+    if beta is None or beta <= 0.0:
+      raise ValueError(f"beta: must be a finite number > 0, got {self.beta!r}.")
+    object.__setattr__(self, "beta", beta)
 
   @property
   def feature_names(self) -> tuple[str, ...]:
@@ -164,8 +187,9 @@ class DistributionalTarget(_Target):
   """P(x) = a(x) · exp(λ·φ(x)) with E_p[φ] = μ̄ (GDC distributional).
 
   λ is fitted with :meth:`fit` (or :func:`fit_lambdas`); until then
-  ``log_prob`` refuses. Target moments outside a feature's value range are
-  rejected at construction.
+  ``log_prob`` refuses. A target moment on the boundary of its feature's
+  value range (where λ would be infinite) or outside it is rejected at
+  construction.
 
   ``alignment`` is the per-sample energy λ·φ(x) = log P(x) − log a(x): a
   distributional EBM is the reward EBM with r = λ·φ and β = 1, so its
@@ -175,8 +199,10 @@ class DistributionalTarget(_Target):
 
   Attributes:
     features: the φ_k.
-    moments: target moments μ̄_k, one per feature.
-    lambdas: fitted λ_k, or None.
+    moments: target moments μ̄_k, one finite number per feature, strictly
+      inside the feature's ``value_range``.
+    lambdas: λ_k, one finite number per feature, or None (also given as
+      ``()``) until fitted.
   """
 
   features: tuple[Feature, ...]
@@ -184,27 +210,44 @@ class DistributionalTarget(_Target):
   lambdas: tuple[float, ...] | None = None
 
   def __post_init__(self):
-    feats = _as_features(self.features, "DistributionalTarget.features")
-    moments = tuple(float(m) for m in np.ravel(np.asarray(self.moments)))
-    if len(moments) != len(feats):
-      raise ValueError(
-          f"DistributionalTarget.moments: {len(moments)} values for "
-          f"{len(feats)} features")
-    for f, m in zip(feats, moments):
-      lo, hi = f.value_range
-      if not lo <= m <= hi:
-        raise ValueError(
-            f"DistributionalTarget.moments: target moment {m} of feature "
-            f"{f.name!r} is outside its value range [{lo}, {hi}]")
+    feats = _as_features(self.features, "features")
     object.__setattr__(self, "features", feats)
-    object.__setattr__(self, "moments", moments)
-    if self.lambdas is not None:
-      lambdas = tuple(float(x) for x in np.ravel(np.asarray(self.lambdas)))
-      if len(lambdas) != len(feats):
+    object.__setattr__(self, "moments", self._checked_moments(feats))
+    object.__setattr__(self, "lambdas", self._checked_lambdas(len(feats)))
+
+  def _checked_moments(self, feats: tuple[Feature, ...]) -> tuple[float, ...]:
+    entries = _entries(self.moments)
+    if len(entries) != len(feats):
+      raise ValueError(f"moments: one target moment per feature "
+                       f"({len(feats)}), got {len(entries)}.")
+    moments = []
+    for i, (f, entry) in enumerate(zip(feats, entries)):
+      m = _finite(entry)
+      if m is None:
         raise ValueError(
-            f"DistributionalTarget.lambdas: {len(lambdas)} values for "
-            f"{len(feats)} features")
-      object.__setattr__(self, "lambdas", lambdas)
+            f"moments: entry {i} must be a finite number, got {entry!r}.")
+      lo, hi = f.value_range
+      if not lo < m < hi:
+        raise ValueError(
+            f"moments: moment {m} of feature {f.name!r} must lie strictly "
+            f"inside its range ({lo}, {hi}); at the boundary λ is infinite "
+            "(use a pointwise constraint for a feature that must always "
+            "hold).")
+      moments.append(m)
+    return tuple(moments)
+
+  def _checked_lambdas(self, num_features: int) -> tuple[float, ...] | None:
+    if self.lambdas is None:
+      return None
+    entries = _entries(self.lambdas)
+    if not entries:
+      return None
+    lambdas = [_finite(x) for x in entries]
+    if len(lambdas) != num_features or None in lambdas:
+      raise ValueError(
+          f"lambdas: must be empty (λ fitted later) or {num_features} finite "
+          f"numbers, one per feature; got {self.lambdas!r}.")
+    return tuple(lambdas)
 
   @property
   def feature_names(self) -> tuple[str, ...]:
@@ -266,14 +309,14 @@ class ProductTarget(_Target):
   def __post_init__(self):
     factors = tuple(self.factors)
     if not factors:
-      raise ValueError("ProductTarget.factors: needs at least one target")
-    for t in factors:
+      raise ValueError("factors: needs at least one target.")
+    for i, t in enumerate(factors):
       if not hasattr(t, "log_energy"):
-        raise TypeError(f"ProductTarget.factors: {t!r} is not a target")
+        raise TypeError(f"factors[{i}]: {t!r} is not a target.")
     if not 0 <= self.alignment_index < len(factors):
       raise ValueError(
-          f"ProductTarget.alignment_index: {self.alignment_index} is not in "
-          f"[0, {len(factors)})")
+          f"alignment_index: {self.alignment_index} is not in "
+          f"[0, {len(factors)}).")
     object.__setattr__(self, "factors", factors)
 
   @property
@@ -320,6 +363,10 @@ class ConditionalTarget(_Target):
 
   target: Any
   is_conditional = True
+
+  def __post_init__(self):
+    if not hasattr(self.target, "log_energy"):
+      raise TypeError(f"target: {self.target!r} is not a target.")
 
   @property
   def feature_names(self) -> tuple[str, ...]:

@@ -31,12 +31,14 @@ Offline packages used by text features (no download at run time):
 (linear classifier on scikit-learn, module ``profanity_check``).
 
 Registry: ``get(name, **kwargs)`` builds a registered feature;
-``from_spec(spec, **shared)`` builds one from a config entry (a name, or a
-mapping with a ``"name"`` key and keyword arguments).
+``from_spec(spec, **shared)`` builds one from a config entry (a name,
+``"name:key=value,..."``, or a mapping with a ``"name"`` key and keyword
+arguments; :func:`parse_spec` reads the string form).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
@@ -434,6 +436,14 @@ def register(name: str, factory: Callable[..., Feature]) -> None:
   _REGISTRY[name] = factory
 
 
+def _factory(name: str) -> Callable[..., Feature]:
+  """The registered factory of ``name``: the one unknown-name check."""
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"unknown feature {name!r}; valid names: {', '.join(names())}.")
+  return _REGISTRY[name]
+
+
 def get(name: str, **kwargs: Any) -> Feature:
   """Builds the registered feature ``name`` with keyword arguments.
 
@@ -441,50 +451,98 @@ def get(name: str, **kwargs: Any) -> Feature:
     ValueError: unknown name (the message lists the valid ones), or an
       unknown / missing keyword argument (the message names it).
   """
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"unknown feature {name!r}; valid names: {', '.join(names())}")
-  factory = _REGISTRY[name]
+  factory = _factory(name)
   params = inspect.signature(factory).parameters
   unknown = [k for k in kwargs if k not in params]
   if unknown:
     raise ValueError(
         f"feature {name!r}: unknown argument(s) {unknown}; accepted: "
-        f"{list(params)}")
+        f"{list(params)}.")
   missing = [k for k, p in params.items()
              if p.default is inspect.Parameter.empty and k not in kwargs]
   if missing:
-    raise ValueError(f"feature {name!r}: missing argument(s) {missing}")
+    raise ValueError(f"feature {name!r}: missing argument(s) {missing}.")
   return factory(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# Feature specs.
+# --------------------------------------------------------------------------
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_spec(spec: Any) -> dict[str, Any]:
+  """A feature spec from a config as a mapping for :func:`from_spec`.
+
+  Accepted forms:
+
+  * a registry name, ``"sentiment"``;
+  * ``"name:key=value,key=value"``: each value is a Python literal or else a
+    plain string; ``a|b|c`` is the tuple of its parts. E.g.
+    ``"word_list:words=love|life"`` → ``{"name": "word_list", "words":
+    ("love", "life")}``, ``"contains_tokens:token_ids=1"`` → ``{...,
+    "token_ids": 1}``. (Values containing ``,`` or ``|``, such as some regular
+    expressions, need the mapping form.)
+  * a mapping ``{"name": ..., **kwargs}`` (returned as a dict).
+
+  The name is not looked up here (:func:`get` does that).
+
+  Raises:
+    ValueError: a malformed spec (the message says why).
+  """
+  if isinstance(spec, Mapping) or hasattr(spec, "to_dict"):
+    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    if "name" not in spec:
+      raise ValueError(f"feature spec {spec!r} has no 'name' key")
+    return spec
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(
+        f"feature spec {spec!r} is not a non-empty string or a mapping")
+  name, _, args = spec.partition(":")
+  out: dict[str, Any] = {"name": name.strip()}
+  if args.strip():
+    for item in args.split(","):
+      key, eq, value = item.partition("=")
+      if not eq or not key.strip():
+        raise ValueError(
+            f"feature spec {spec!r}: argument {item!r} is not key=value")
+      parts = [_literal(v.strip()) for v in value.split("|")]
+      out[key.strip()] = tuple(parts) if "|" in value else parts[0]
+  return out
 
 
 def from_spec(spec: str | Mapping[str, Any] | Feature, **shared: Any) -> Feature:
   """Builds a feature from a config entry.
 
-  ``spec`` is a registered name, a mapping ``{"name": ..., **kwargs}`` or
-  already a :class:`Feature`. In a mapping, ``"label"`` renames the feature
-  (the name reported with moments), since ``"name"`` is the registry name. ``shared`` arguments (typically ``decode`` and
-  ``encode``) are passed to the factories that accept them, unless the spec
-  sets them itself.
+  ``spec`` is anything :func:`parse_spec` accepts (a registered name,
+  ``"name:key=value,..."`` or a mapping ``{"name": ..., **kwargs}``) or
+  already a :class:`Feature` (returned as is). ``"label"`` renames the
+  feature (the name reported with moments), since ``"name"`` is the registry
+  name. ``shared`` arguments (typically ``decode`` and ``encode``) are passed
+  to the factories that accept them, unless the spec sets them itself or
+  they are None.
 
   Example: ``from_spec({"name": "count_tokens", "token_ids": [3],
-  "label": "science"})``.
+  "label": "science"})``, ``from_spec("count_tokens:token_ids=3,label=science")``.
+
+  Raises:
+    ValueError: a malformed spec, an unknown name (the message lists the
+      valid ones), or an unknown, missing or invalid argument.
   """
   if isinstance(spec, Feature):
     return spec
-  if isinstance(spec, str):
-    spec = {"name": spec}
-  spec = dict(spec)
-  if "name" not in spec:
-    raise ValueError(f"feature spec {spec!r}: missing field 'name'")
-  name = spec.pop("name")
-  label = spec.pop("label", None)
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"unknown feature {name!r}; valid names: {', '.join(names())}")
-  params = inspect.signature(_REGISTRY[name]).parameters
+  kwargs = parse_spec(spec)
+  name = kwargs.pop("name")
+  label = kwargs.pop("label", None)
+  params = inspect.signature(_factory(name)).parameters
   for key, value in shared.items():
-    if key in params and key not in spec and value is not None:
-      spec[key] = value
-  feature = get(name, **spec)
+    if key in params and key not in kwargs and value is not None:
+      kwargs[key] = value
+  feature = get(name, **kwargs)
   return dataclasses.replace(feature, name=label) if label else feature
