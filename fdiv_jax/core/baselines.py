@@ -14,17 +14,26 @@ own score ∇ log π(x_i) leaves the gradient unbiased, since E_π[∇ log π] =
 The batch statistic is the importance-weighted mean pseudo-reward
 (1/N) Σ_i w_i R_i with w = π/q, an unbiased estimate of E_π[R] also off-policy.
 Stateful baselines use only past batches, so their value is a constant for the
-current batch. This module imports only JAX; its states are pytrees that a train
-step carries in its state.
+current batch. Per-sample arguments (rewards, weights, mask) must all be [N]
+(checked, with an AssertionError naming the function and the argument; nothing
+is broadcast). This module imports only JAX (and chex, for the checks); its
+states are pytrees that a train step carries in its state.
+
+Constructor errors are ValueErrors whose message starts with the offending
+parameter, ``"<param>: ..."`` (e.g. ``"window: must be an integer >= 1, got
+0."``), so that a caller can name the setting that fed it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fdiv_jax.core import _checks
 
 Array = jax.Array
 KINDS = ("none", "moving_average", "ema", "batch_mean", "leave_one_out")
@@ -45,7 +54,18 @@ class EMAState(NamedTuple):
 
 def weighted_mean_reward(rewards: Array, weights: Array | None = None,
                          mask: Array | None = None) -> Array:
-  """(1/N) Σ_i m_i w_i R_i / (1/N) Σ_i m_i: the batch statistic baselines track."""
+  """(1/N) Σ_i m_i w_i R_i / (1/N) Σ_i m_i: the batch statistic baselines track.
+
+  Args:
+    rewards: [N] pseudo-rewards R_i.
+    weights: optional [N] importance weights π/q (1 if None).
+    mask: optional [N] bool, True for real samples.
+
+  Returns:
+    Scalar.
+  """
+  _checks.samples("weighted_mean_reward", rewards=rewards, weights=weights,
+                  mask=mask)
   rewards = jnp.asarray(rewards)
   w = jnp.ones_like(rewards) if weights is None else weights
   m = jnp.ones_like(rewards) if mask is None else mask.astype(rewards.dtype)
@@ -67,12 +87,14 @@ class Baseline:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"Unknown baseline kind {self.kind!r}; valid kinds: "
+      raise ValueError(f"kind: unknown baseline kind {self.kind!r}; valid kinds: "
                        f"{', '.join(KINDS)}.")
-    if self.kind == "moving_average" and self.window < 1:
-      raise ValueError(f"baseline window must be >= 1, got {self.window}.")
+    if self.kind == "moving_average" and (
+        not isinstance(self.window, numbers.Integral)
+        or isinstance(self.window, bool) or self.window < 1):
+      raise ValueError(f"window: must be an integer >= 1, got {self.window!r}.")
     if self.kind == "ema" and not 0.0 <= self.decay < 1.0:
-      raise ValueError(f"baseline decay must be in [0, 1), got {self.decay}.")
+      raise ValueError(f"decay: must be in [0, 1), got {self.decay!r}.")
 
   def init(self, dtype=jnp.float32) -> Any:
     """The state before any batch (the baseline is 0 until then)."""
@@ -92,7 +114,11 @@ class Baseline:
       rewards: [N] pseudo-rewards R_i of the current batch.
       weights: optional [N] importance weights π/q (1 on-policy).
       mask: optional [N] bool, True for real samples.
+
+    Returns:
+      [N] baselines.
     """
+    _checks.samples("Baseline.value", rewards=rewards, weights=weights, mask=mask)
     rewards = jnp.asarray(rewards)
     if self.kind == "none":
       return jnp.zeros_like(rewards)
@@ -118,7 +144,18 @@ class Baseline:
 
   def update(self, state: Any, rewards: Array, weights: Array | None = None,
              mask: Array | None = None) -> Any:
-    """Folds the current batch's statistic into the state (after computing b)."""
+    """Folds the current batch's statistic into the state (after computing b).
+
+    Args:
+      state: from `init` / `update`.
+      rewards: [N] pseudo-rewards R_i of the current batch.
+      weights: optional [N] importance weights π/q (1 on-policy).
+      mask: optional [N] bool, True for real samples.
+
+    Returns:
+      The new state (the same one for the stateless kinds).
+    """
+    _checks.samples("Baseline.update", rewards=rewards, weights=weights, mask=mask)
     if self.kind == "moving_average":
       stat = weighted_mean_reward(rewards, weights, mask).astype(state.values.dtype)
       values = state.values.at[state.index].set(stat)

@@ -24,17 +24,20 @@ m = (π + p)/2; JS is the standard one, bounded by log 2. The f-DPG pseudo-rewar
 R(x) = −f'(t(x)) (Go et al., "Aligning Language Models with Preferences through
 f-divergence Minimization", ICML 2023, arXiv 2302.08215).
 
-This module imports only JAX.
+This module imports only JAX (and chex, for the shape check of `exact`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+import types
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fdiv_jax.core import _checks
 
 Array = jax.Array
 _LOG2 = math.log(2.0)
@@ -163,10 +166,19 @@ _F_OVER_T = {
     "alpha": _alpha_f_over_t,
 }
 
-_ALIASES = {"kl": "forward_kl", "rkl": "reverse_kl", "jensen_shannon": "js",
-            "total_variation": "tv"}
-
 NAMES: tuple[str, ...] = tuple(_SPECS)
+
+# The one alias table (alias -> canonical name in `NAMES`): `get`, the CLI and
+# the reports all read this one. Read-only.
+ALIASES: Mapping[str, str] = types.MappingProxyType({
+    "kl": "forward_kl", "rkl": "reverse_kl", "jensen_shannon": "js",
+    "total_variation": "tv"})
+_ALIASES = ALIASES  # The former private name.
+
+
+def accepted_names() -> tuple[str, ...]:
+  """Every name `get` accepts: the canonical `NAMES`, then the `ALIASES`."""
+  return NAMES + tuple(ALIASES)
 
 
 def _with_limits(formula, at_neg_inf: float, at_pos_inf: float, log_t: Array,
@@ -248,27 +260,36 @@ class Divergence:
     """True when D_f(π‖p) is finite for every pair π, p (f(0), f'(∞) finite)."""
     return math.isfinite(self.f_at_zero) and math.isfinite(self.f_prime_at_inf)
 
+  @property
+  def metric_name(self) -> str:
+    """The key its estimate is reported under: `name`, or e.g. "alpha_0.5"."""
+    return self.name if self.alpha is None else f"alpha_{self.alpha:g}"
+
   def __str__(self) -> str:
     return self.name if self.alpha is None else f"alpha({self.alpha:g})"
 
 
-def get(name: str, **params) -> Divergence:
+def get(name: str | Divergence, **params) -> Divergence:
   """Returns the divergence called `name`.
 
   Args:
-    name: "forward_kl" (alias "kl"), "reverse_kl" ("rkl"), "js", "tv",
-      "pearson_chi2", "neyman_chi2", "hellinger", or "alpha".
+    name: one of `accepted_names()`: "forward_kl" (alias "kl"), "reverse_kl"
+      ("rkl"), "js" ("jensen_shannon"), "tv" ("total_variation"),
+      "pearson_chi2", "neyman_chi2", "hellinger", or "alpha"; or a `Divergence`,
+      returned as is.
     **params: `alpha=<float>` for "alpha" (any real except 0 and 1, which are the
       forward and reverse KL limits); nothing for the others.
 
   Raises:
-    ValueError: unknown name, missing/invalid alpha, or an unexpected parameter.
+    ValueError: unknown name (the message lists every valid name and alias); a
+      missing or invalid alpha (the message starts with "alpha: "); or an
+      unexpected parameter (it starts with "Divergence '<name>'").
   """
   if isinstance(name, Divergence):
     return name
-  key = _ALIASES.get(name, name)
+  key = ALIASES.get(name, name)
   if key not in _SPECS:
-    valid = ", ".join(list(NAMES) + [f"{a} (= {k})" for a, k in _ALIASES.items()])
+    valid = ", ".join(list(NAMES) + [f"{a} (= {k})" for a, k in ALIASES.items()])
     raise ValueError(f"Unknown divergence {name!r}; valid names: {valid}.")
   if key != "alpha":
     if params:
@@ -278,12 +299,15 @@ def get(name: str, **params) -> Divergence:
   if unknown:
     raise ValueError(f"Divergence 'alpha' takes only 'alpha', got {sorted(unknown)}.")
   if "alpha" not in params or params["alpha"] is None:
-    raise ValueError("Divergence 'alpha' needs a parameter alpha=<float>, "
+    raise ValueError("alpha: divergence 'alpha' needs a parameter alpha=<float>, "
                      "any real number except 0 and 1.")
-  alpha = float(params["alpha"])
+  try:
+    alpha = float(params["alpha"])
+  except (TypeError, ValueError):
+    alpha = math.nan
   if not math.isfinite(alpha) or alpha in (0.0, 1.0):
-    raise ValueError(f"alpha must be a finite real number other than 0 and 1 (got "
-                     f"{params['alpha']!r}); alpha -> 0 is 'forward_kl' and "
+    raise ValueError(f"alpha: must be a finite real number other than 0 and 1, "
+                     f"got {params['alpha']!r}; alpha -> 0 is 'forward_kl' and "
                      f"alpha -> 1 is 'reverse_kl'.")
   return Divergence("alpha", alpha)
 
@@ -298,13 +322,19 @@ def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
   Args:
     d: a `Divergence` or its name.
     log_pi: [..., K] normalised log-probabilities of π (−inf allowed).
-    log_p: [..., K] normalised log-probabilities of p (−inf allowed).
+    log_p: [..., K] normalised log-probabilities of p, the same shape as
+      `log_pi` (no broadcasting: a [K] against a [K, 1] is an error).
 
   Returns:
     [...]: the divergence, summed over the last axis.
+
+  Raises:
+    AssertionError: `log_pi` has no axis, or `log_p` is not of its shape.
   """
   d = get(d) if isinstance(d, str) else d
-  log_pi, log_p = jnp.broadcast_arrays(jnp.asarray(log_pi), jnp.asarray(log_p))
+  _checks.rank_at_least("exact", 1, log_pi=log_pi)
+  _checks.same_shape("exact", log_pi=log_pi, log_p=log_p)
+  log_pi, log_p = jnp.asarray(log_pi), jnp.asarray(log_p)
   dtype = jnp.result_type(log_pi.dtype, log_p.dtype, jnp.float32)
   log_pi, log_p = log_pi.astype(dtype), log_p.astype(dtype)
   p_pos = log_p > -jnp.inf

@@ -13,7 +13,15 @@ as float arrays of shape [N]:
 Everything is a pure function of arrays: no model, no state, no config. All work
 under `jit`, `vmap` and `grad`, in float32 and float64. An optional boolean `mask`
 [N] marks real samples (padding rows are ignored: they neither count in N nor
-contribute). This module imports only JAX.
+contribute).
+
+Shape contracts (rlax style): every per-sample argument must be [N] with one N,
+log_z a scalar or [N], moment features [N] or [N, K]; nothing is broadcast. A
+violation raises AssertionError naming the function and the argument (a [4]
+log_model against a [4, 1] log_target would otherwise broadcast to a wrong
+[4, 4]). The checks read static shapes, so they cost nothing under `jit`; under
+`vmap` they apply per example, so a batch of [B, N] problems is a vmapped call.
+This module imports only JAX (and chex, for the checks).
 
 References: Khalifa et al., "A Distributional Approach to Controlled Text
 Generation", ICLR 2021 (importance-sampled Z and divergences); Go et al., ICML 2023.
@@ -26,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fdiv_jax.core import _checks
 from fdiv_jax.core import divergences
 
 Array = jax.Array
@@ -49,7 +58,18 @@ def _float(*arrays):
 
 
 def log_mean_exp(log_values: Array, mask: Array | None = None, axis: int = -1) -> Array:
-  """log( (1/N) Σ_i exp(log_values_i) ), stable; N counts unmasked entries."""
+  """log( (1/N) Σ_i exp(log_values_i) ), stable; N counts unmasked entries.
+
+  Args:
+    log_values: [N] log v_i (−inf allowed).
+    mask: optional [N] bool, True for real samples.
+    axis: the sample axis; the values are [N], so 0 or −1 (batches of [N]
+      problems: `jax.vmap`).
+
+  Returns:
+    Scalar; −inf when every (unmasked) value is −inf.
+  """
+  _checks.samples("log_mean_exp", log_values=log_values, mask=mask)
   (log_values,) = _float(log_values)
   log_values = _masked(log_values, mask, -jnp.inf)
   n = _count(log_values, mask)
@@ -57,7 +77,17 @@ def log_mean_exp(log_values: Array, mask: Array | None = None, axis: int = -1) -
 
 
 def log_importance_weights(log_numerator: Array, log_proposal: Array) -> Array:
-  """log w = log numerator − log q, elementwise (e.g. log π/q or log P/q)."""
+  """log w = log numerator − log q, per sample (e.g. log π/q or log P/q).
+
+  Args:
+    log_numerator: [N] log π(x_i) or log P(x_i).
+    log_proposal: [N] log q(x_i).
+
+  Returns:
+    [N] log w_i.
+  """
+  _checks.samples("log_importance_weights", log_numerator=log_numerator,
+                  log_proposal=log_proposal)
   log_numerator, log_proposal = _float(log_numerator, log_proposal)
   return log_numerator - log_proposal
 
@@ -79,6 +109,8 @@ def log_partition(log_target: Array, log_proposal: Array,
   Returns:
     Scalar log Ẑ.
   """
+  _checks.samples("log_partition", log_target=log_target,
+                  log_proposal=log_proposal, mask=mask)
   return log_mean_exp(log_importance_weights(log_target, log_proposal), mask)
 
 
@@ -128,6 +160,9 @@ def update_partition(state: PartitionState, log_target: Array, log_proposal: Arr
   Returns:
     The merged state.
   """
+  _checks.samples("update_partition", log_target=log_target,
+                  log_proposal=log_proposal, context_ids=context_ids, mask=mask)
+  _checks.integers("update_partition", context_ids=context_ids)
   log_w = log_importance_weights(log_target, log_proposal).astype(
       state.log_sum_weights.dtype)
   log_w = _masked(log_w, mask, -jnp.inf)
@@ -147,6 +182,13 @@ def update_partition(state: PartitionState, log_target: Array, log_proposal: Arr
   count = state.count + jax.ops.segment_sum(ones, context_ids,
                                             num_segments=num_contexts)
   return PartitionState(log_sum, count)
+
+
+def _check_divergence_args(fn: str, log_model, log_target, log_proposal, log_z,
+                           mask) -> None:
+  _checks.samples(fn, log_model=log_model, log_target=log_target,
+                  log_proposal=log_proposal, mask=mask)
+  _checks.scalar_or_samples(fn, log_model, log_z=log_z)
 
 
 def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Array,
@@ -169,6 +211,13 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
   Returns:
     Scalar estimate.
   """
+  _check_divergence_args("divergence", log_model, log_target, log_proposal, log_z,
+                         mask)
+  return _divergence(d, log_model, log_target, log_proposal, log_z, mask)
+
+
+def _divergence(d, log_model, log_target, log_proposal, log_z, mask) -> Array:
+  """`divergence` without the checks (its callers have made them)."""
   d = divergences.get(d) if isinstance(d, str) else d
   log_model, log_target, log_proposal, log_z = _float(
       log_model, log_target, log_proposal, log_z)
@@ -193,35 +242,60 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
   return jnp.sum(terms, axis=-1) / _count(terms, mask)
 
 
+def _named(name: str, fn: str, log_model, log_target, log_proposal, log_z,
+           mask) -> Array:
+  _check_divergence_args(fn, log_model, log_target, log_proposal, log_z, mask)
+  return _divergence(name, log_model, log_target, log_proposal, log_z, mask)
+
+
 def forward_kl(log_model, log_target, log_proposal, log_z, mask=None) -> Array:
-  """KL(p‖π) = E_p[log p − log π], importance-sampled from q (see `divergence`)."""
-  return divergence("forward_kl", log_model, log_target, log_proposal, log_z, mask)
+  """KL(p‖π) = E_p[log p − log π], importance-sampled from q (see `divergence`).
+
+  Arguments and shapes as `divergence`: [N] arrays, log_z scalar or [N].
+  """
+  return _named("forward_kl", "forward_kl", log_model, log_target, log_proposal,
+                log_z, mask)
 
 
 def reverse_kl(log_model, log_target, log_proposal, log_z, mask=None) -> Array:
-  """KL(π‖p) = E_π[log π − log p], importance-sampled from q (see `divergence`)."""
-  return divergence("reverse_kl", log_model, log_target, log_proposal, log_z, mask)
+  """KL(π‖p) = E_π[log π − log p], importance-sampled from q (see `divergence`).
+
+  Arguments and shapes as `divergence`: [N] arrays, log_z scalar or [N].
+  """
+  return _named("reverse_kl", "reverse_kl", log_model, log_target, log_proposal,
+                log_z, mask)
 
 
 def total_variation(log_model, log_target, log_proposal, log_z, mask=None) -> Array:
-  """TV(π, p) = ½ Σ|π − p|, importance-sampled from q (see `divergence`)."""
-  return divergence("tv", log_model, log_target, log_proposal, log_z, mask)
+  """TV(π, p) = ½ Σ|π − p|, importance-sampled from q (see `divergence`).
+
+  Arguments and shapes as `divergence`: [N] arrays, log_z scalar or [N].
+  """
+  return _named("tv", "total_variation", log_model, log_target, log_proposal,
+                log_z, mask)
 
 
 def jensen_shannon(log_model, log_target, log_proposal, log_z, mask=None) -> Array:
-  """JS(π, p) = ½KL(π‖m) + ½KL(p‖m), m = (π+p)/2 (≤ log 2), sampled from q."""
-  return divergence("js", log_model, log_target, log_proposal, log_z, mask)
+  """JS(π, p) = ½KL(π‖m) + ½KL(p‖m), m = (π+p)/2 (≤ log 2), sampled from q.
+
+  Arguments and shapes as `divergence`: [N] arrays, log_z scalar or [N].
+  """
+  return _named("js", "jensen_shannon", log_model, log_target, log_proposal,
+                log_z, mask)
 
 
 def divergences_to_target(log_model, log_target, log_proposal, log_z,
                           mask=None) -> dict[str, Array]:
   """The four metrics the literature reports, as a dict of scalars.
 
-  Keys: "forward_kl" = KL(p‖π), "reverse_kl" = KL(π‖p), "tv", "js".
+  Keys: "forward_kl" = KL(p‖π), "reverse_kl" = KL(π‖p), "tv", "js". Arguments
+  and shapes as `divergence`: [N] arrays, log_z scalar or [N].
   """
+  _check_divergence_args("divergences_to_target", log_model, log_target,
+                         log_proposal, log_z, mask)
   args = (log_model, log_target, log_proposal, log_z, mask)
-  return {"forward_kl": forward_kl(*args), "reverse_kl": reverse_kl(*args),
-          "tv": total_variation(*args), "js": jensen_shannon(*args)}
+  return {name: _divergence(name, *args)
+          for name in ("forward_kl", "reverse_kl", "tv", "js")}
 
 
 def kl_from_base(log_model: Array, log_base: Array, log_proposal: Array,
@@ -234,7 +308,12 @@ def kl_from_base(log_model: Array, log_base: Array, log_proposal: Array,
   Args:
     log_model, log_base, log_proposal: [N] log π, log a, log q at x_i ~ q.
     mask: optional [N] bool.
+
+  Returns:
+    Scalar estimate.
   """
+  _checks.samples("kl_from_base", log_model=log_model, log_base=log_base,
+                  log_proposal=log_proposal, mask=mask)
   log_model, log_base, log_proposal = _float(log_model, log_base, log_proposal)
   terms = jnp.exp(log_model - log_proposal) * (log_model - log_base)
   terms = jnp.where(log_model > -jnp.inf, terms, 0.0)
@@ -257,13 +336,15 @@ def self_normalized_moments(values: Array, log_weights: Array,
   Returns:
     [] or [K]. NaN when every weight is zero (no sample carries information).
   """
+  _checks.samples("self_normalized_moments", log_weights=log_weights, mask=mask)
+  _checks.samples_or_features("self_normalized_moments", "log_weights",
+                              log_weights, values=values)
   values, log_weights = _float(values, log_weights)
   log_weights = _masked(log_weights, mask, -jnp.inf)
-  probs = jax.nn.softmax(log_weights, axis=-1)
-  if values.ndim == log_weights.ndim + 1:
-    probs = probs[..., None]
-    return jnp.sum(jnp.where(probs > 0, probs * values, 0.0), axis=-2)
-  return jnp.sum(jnp.where(probs > 0, probs * values, 0.0), axis=-1)
+  probs = jax.nn.softmax(log_weights)
+  if values.ndim == 2:
+    probs = probs[:, None]
+  return jnp.sum(jnp.where(probs > 0, probs * values, 0.0), axis=0)
 
 
 def effective_sample_size(log_weights: Array, mask: Array | None = None) -> Array:
@@ -274,7 +355,11 @@ def effective_sample_size(log_weights: Array, mask: Array | None = None) -> Arra
   Args:
     log_weights: [N] log w_i (−inf allowed).
     mask: optional [N] bool.
+
+  Returns:
+    Scalar ESS.
   """
+  _checks.samples("effective_sample_size", log_weights=log_weights, mask=mask)
   (log_weights,) = _float(log_weights)
   log_weights = _masked(log_weights, mask, -jnp.inf)
   lse = jax.nn.logsumexp(log_weights, axis=-1)

@@ -19,7 +19,10 @@ Everything is in log space (log β, log P, log q); log P = −inf (a violated
 hard constraint) is never accepted.
 
 Two layers: pure functions of arrays (:func:`log_acceptance_probability`,
-:func:`accept`, :func:`diagnostics`), jittable; and a host loop
+:func:`accept`, :func:`diagnostics`, :func:`log_beta_for_quantile`), jittable,
+whose per-proposal arrays must all be ``[B]`` and log β a scalar (checked: an
+AssertionError names the function and the argument; nothing is broadcast);
+and a host loop
 (:func:`sample`) that draws batches from any ``propose(rng) -> (samples,
 log_q)`` until ``num_samples`` are accepted or a cap is reached.
 """
@@ -35,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdiv_jax.core import _checks
+
 Array = jax.Array
 
 
@@ -42,16 +47,36 @@ class QRSWarning(RuntimeWarning):
   """QRS stopped at its cap before accepting the requested number."""
 
 
+def _check(fn: str, log_target, log_proposal, log_beta=None) -> None:
+  _checks.samples(fn, log_target=log_target, log_proposal=log_proposal)
+  _checks.scalar(fn, log_beta=log_beta)
+
+
 def log_acceptance_probability(log_target: Array, log_proposal: Array,
                                log_beta: Array | float) -> Array:
-  """log min(1, P(x) / (β q(x))) for x ~ q; ``[B]``. −inf where P = 0."""
+  """log min(1, P(x) / (β q(x))) for x ~ q; ``[B]``. −inf where P = 0.
+
+  Args:
+    log_target: ``[B]``, log P(x_i).
+    log_proposal: ``[B]``, log q(x_i).
+    log_beta: scalar log β.
+  """
+  _check("log_acceptance_probability", log_target, log_proposal, log_beta)
   log_ratio = jnp.asarray(log_target) - jnp.asarray(log_proposal) - log_beta
   return jnp.minimum(log_ratio, 0.0)
 
 
 def accept(rng: Array, log_target: Array, log_proposal: Array,
            log_beta: Array | float) -> Array:
-  """Accept/reject decisions, bool ``[B]``: log U < log min(1, P/(βq)), U~U(0,1)."""
+  """Accept/reject decisions, bool ``[B]``: log U < log min(1, P/(βq)), U~U(0,1).
+
+  Args:
+    rng: PRNG key.
+    log_target: ``[B]``, log P(x_i).
+    log_proposal: ``[B]``, log q(x_i).
+    log_beta: scalar log β.
+  """
+  _check("accept", log_target, log_proposal, log_beta)
   log_acc = log_acceptance_probability(log_target, log_proposal, log_beta)
   u = jax.random.uniform(rng, log_acc.shape, log_acc.dtype)
   return jnp.log(u) < log_acc
@@ -88,6 +113,7 @@ def diagnostics(log_target: Array, log_proposal: Array,
   Returns:
     :class:`Diagnostics` of scalars.
   """
+  _check("diagnostics", log_target, log_proposal, log_beta)
   log_w = jnp.asarray(log_target) - jnp.asarray(log_proposal)
   log_beta = jnp.asarray(log_beta, log_w.dtype)
   return _diagnostics_from_sums(
@@ -113,7 +139,16 @@ def log_beta_for_quantile(log_target: Array, log_proposal: Array,
   """log β at a quantile of log P/q over proposals (1.0: the max, β ≥ P/q there).
 
   A simple way to pick β: higher quantiles are closer to p and slower.
+
+  Args:
+    log_target: ``[B]``, log P(x_i).
+    log_proposal: ``[B]``, log q(x_i).
+    quantile: in [0, 1].
+
+  Returns:
+    Scalar log β.
   """
+  _check("log_beta_for_quantile", log_target, log_proposal)
   if not 0.0 <= quantile <= 1.0:
     raise ValueError(f"quantile must be in [0, 1], got {quantile}")
   log_w = jnp.asarray(log_target) - jnp.asarray(log_proposal)
