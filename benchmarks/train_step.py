@@ -24,10 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax.run import config as config_lib
 from fdiv_jax.targets import features
 from fdiv_jax.lm import models, sampling, scoring
 from fdiv_jax import targets
+from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
@@ -56,19 +56,20 @@ def main():
                                           n_head=4, n_embd=128))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  config = config_lib.base_config()
-  config.batch_size, config.max_new_tokens, config.divergence = (
-      args.batch, args.new_tokens, "js")
+  step_config = step_lib.StepConfig(divergence="js")
   target = targets.PointwiseTarget((features.contains_tokens(WORD_TOKENS, "word"),))
   eos = 50256
-  sampler = step_lib.sampler_from_config(config, eos_id=eos, pad_id=eos)
+  sampler = sampling.SamplerConfig(max_new_tokens=args.new_tokens, eos_id=eos,
+                                   pad_id=eos)
   mesh = sharding.make_mesh()
-  state = sharding.shard_state(state_lib.create_state(config, model, params), mesh)
+  state = sharding.shard_state(state_lib.create_state(
+      model, params, step_config=step_config,
+      optimizer=optimizer_lib.OptimizerConfig()), mesh)
   batch = state_lib.Batch(jnp.full((args.batch, 1), eos, jnp.int32),
                           jnp.ones((args.batch,), jnp.int32),
                           jnp.zeros((args.batch,), jnp.int32))
-  step_fn = sharding.jit_train_step(step_lib.make_train_step(config, model, target,
-                                                             sampler), state, mesh)
+  step_fn = sharding.jit_train_step(
+      step_lib.make_train_step(step_config, model, target, sampler), state, mesh)
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)

@@ -17,7 +17,6 @@ import numpy as np  # noqa: E402
 
 import toy_task  # noqa: E402
 from fdiv_jax.train import sharding  # noqa: E402
-from fdiv_jax.train import state as state_lib  # noqa: E402
 from fdiv_jax.train import step as step_lib  # noqa: E402
 
 
@@ -25,13 +24,12 @@ def one_step(data, fsdp, num_steps=2):
   config = toy_task.toy_config(mesh_data=data, mesh_fsdp=fsdp)
   task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
   mesh = sharding.make_mesh(data, fsdp)
-  state = sharding.shard_state(state_lib.create_state(
-      config, task.model, task.params, task.base_params), mesh)
+  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
   sharded_leaves = sum(
       1 for s in jax.tree.leaves(sharding.state_shardings(state.params, mesh))
       if any(axis is not None for axis in s.spec))
   step_fn = sharding.jit_train_step(
-      step_lib.make_train_step(config, task.model, task.target, task.sampler),
+      step_lib.make_train_step(config.step, task.model, task.target, task.sampler),
       state, mesh)
   for i in range(num_steps):
     batch = sharding.shard_batch(task.batch(i, config.batch_size), mesh)

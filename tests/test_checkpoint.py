@@ -13,7 +13,6 @@ import pytest
 
 import toy_task
 from fdiv_jax.train import checkpoint, sharding
-from fdiv_jax.train import state as state_lib
 
 HERE = os.path.dirname(__file__)
 DRIVER = os.path.join(HERE, "train_driver.py")
@@ -31,8 +30,7 @@ def restore(workdir, step=None):
   config = toy_task.toy_config()
   task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
   mesh = sharding.make_mesh()
-  state = sharding.shard_state(state_lib.create_state(
-      config, task.model, task.params, task.base_params), mesh)
+  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   return ckpt.restore(checkpoint.abstract_like(state), step), ckpt
 

@@ -1,15 +1,26 @@
-"""Tests for fdiv_jax.run.config: defaults, feature specs and every validation error.
+"""The config becomes typed objects once (`tasks.describe`): every validation error.
 
 Each invalid case asserts that the `ConfigError` names its field
 (``config.<field>: ...``) and, where there is a fixed set, the allowed values.
+The checks themselves live in the constructors of the typed objects; these
+tests pin that each one reaches the user under the config field's name.
 """
 
+import jax
 import pytest
 
+from fdiv_jax import targets
+from fdiv_jax.core import baselines, divergences
+from fdiv_jax.lm import models, sampling
 from fdiv_jax.run import config as config_lib
+from fdiv_jax.run import tasks
 from fdiv_jax.targets import features
+from fdiv_jax.train import loop as loop_lib
+from fdiv_jax.train import optimizer as optimizer_lib
+from fdiv_jax.train import step as step_lib
 
 ConfigError = config_lib.ConfigError
+describe = tasks.describe
 
 
 def _valid():
@@ -56,7 +67,50 @@ def _set(c, field, value):
 
 def test_valid_configs_pass():
   for c in (_valid(), _toy(), _distributional(), _reward()):
-    assert config_lib.validate(c) is c
+    assert isinstance(describe(c), tasks.RunSpec)
+
+
+def test_describe_gives_typed_objects():
+  c = _valid()
+  c.divergence = "hellinger"
+  c.temperature = 0.7
+  c.baseline = "ema"
+  c.log_ratio_clip = 0.0
+  spec = describe(c)
+  assert isinstance(spec.loop, loop_lib.LoopConfig)
+  assert isinstance(spec.optimizer, optimizer_lib.OptimizerConfig)
+  assert isinstance(spec.step, step_lib.StepConfig)
+  assert spec.step.divergence == divergences.get("hellinger")
+  assert spec.step.baseline == baselines.Baseline("ema", 10, 0.9)
+  assert spec.step.log_ratio_clip is None        # 0 in the config = default
+  assert isinstance(spec.model, models.ModelSpec)
+  assert isinstance(spec.target, targets.TargetSpec)
+  assert spec.sampler == sampling.SamplerConfig(
+      max_new_tokens=32, temperature=0.7, eos_id=spec.tokenizer.eos_id,
+      pad_id=spec.tokenizer.pad_id)
+  assert spec.sampler.untempered().temperature == 1.0
+  assert spec.optimizer.num_steps == spec.loop.num_steps == 200
+
+
+@pytest.mark.parametrize("name", divergences.accepted_names())
+def test_every_name_the_registry_accepts_is_accepted(name):
+  c = _valid()
+  c.divergence = name
+  spec = describe(c)
+  assert spec.step.divergence == divergences.get(
+      name, **({"alpha": c.alpha} if divergences.ALIASES.get(name, name) == "alpha"
+               else {}))
+
+
+def test_mesh_larger_than_the_devices_is_a_config_error():
+  c = _valid()
+  c.mesh_data = 2 * jax.device_count()
+  with pytest.raises(ConfigError, match=r"^config\.mesh_data: .*devices; "
+                     rf"{jax.device_count()} available"):
+    describe(c)
+  c.mesh_data, c.mesh_fsdp = -1, jax.device_count() + 1
+  with pytest.raises(ConfigError, match=r"^config\.mesh_fsdp: .*does not divide"):
+    describe(c)
 
 
 # (make config, field set, value, field named in the error, text in it)
@@ -70,10 +124,10 @@ CASES = [
     (_valid, "top_k", -1, "top_k", ">= 0"),
     (_valid, "divergence", "foo", "divergence", "js"),
     (_valid, "mode", "batch", "mode", "online, offline"),
-    (_valid, "baseline", "foo", "baseline", "must be one of"),
+    (_valid, "baseline", "foo", "baseline", "valid kinds: none, moving_average"),
     (_valid, "baseline_decay", 1.0, "baseline_decay", "[0, 1)"),
     (_valid, "ema_decay", -0.1, "ema_decay", "[0, 1)"),
-    (_valid, "log_ratio_clip", -1.0, "log_ratio_clip", ">= 0"),
+    (_valid, "log_ratio_clip", -1.0, "log_ratio_clip", "> 0"),
     (_valid, "proposal_update_metric", "kl", "proposal_update_metric",
      "forward_kl, reverse_kl, tv, js"),
     (_valid, "learning_rate", 0.0, "learning_rate", "> 0"),
@@ -91,16 +145,16 @@ CASES = [
     (_valid, "model.n_layer", 0, "model.n_layer", ">= 1"),
     (_valid, "model.n_positions", -1, "model.n_positions", ">= 1"),
     (_valid, "model.dtype", "float16", "model.dtype", "float32, bfloat16"),
-    (_valid, "model.n_head", 3, "model.n_head", "divide model.n_embd"),
+    (_valid, "model.n_head", 3, "model.n_head", "divide n_embd"),
     (_valid, "model.vocab_size", 100, "model.vocab_size", "byte tokenizer"),
     (_toy, "model.vocab_size", 30, "model.vocab_size", "[2, 27]"),
     (_valid, "tokenizer", "spm", "tokenizer", "byte, hf, toy"),
-    (_valid, "tokenizer", "hf", "tokenizer", "model.kind='hf'"),
+    (_valid, "tokenizer", "hf", "tokenizer", "kind='hf'"),
     # Prompts.
     (_valid, "prompts", ("ok", ""), "prompts", "non-empty string"),
     (_valid, "prompt_sampling", "shuffle", "prompt_sampling", "cycle, random"),
     (_toy, "prompts", ("aB",), "prompts", "letters a..z"),
-    (_toy, "prompts", ("ad",), "prompts", "model.vocab_size"),
+    (_toy, "prompts", ("ad",), "prompts", "vocab_size 4"),
     # Target.
     (_valid, "target.kind", "ranking", "target.kind",
      "pointwise, distributional, reward"),
@@ -144,7 +198,7 @@ CASES = [
 def test_invalid_field_is_named(make, field, value, named, text):
   c = _set(make(), field, value)
   with pytest.raises(ConfigError) as e:
-    config_lib.validate(c)
+    describe(c)
   message = str(e.value)
   assert message.startswith(f"config.{named}: "), message
   assert text in message, message
@@ -153,28 +207,28 @@ def test_invalid_field_is_named(make, field, value, named, text):
 def test_alpha_checked_only_for_alpha_divergence():
   c = _valid()
   c.alpha = 1.0
-  config_lib.validate(c)
+  describe(c)
   c.divergence = "alpha"
   with pytest.raises(ConfigError, match=r"^config\.alpha: "):
-    config_lib.validate(c)
+    describe(c)
 
 
 def test_hf_model_needs_a_directory(tmp_path):
   c = _valid()
   c.model.kind = "hf"
   with pytest.raises(ConfigError, match=r"^config\.model\.path: .*local"):
-    config_lib.validate(c)
+    describe(c)
   c.model.path = str(tmp_path / "missing")
   with pytest.raises(ConfigError, match=r"^config\.model\.path: .*not a dir"):
-    config_lib.validate(c)
+    describe(c)
   c.model.path = str(tmp_path)
   c.tokenizer = "hf"
   with pytest.raises(ConfigError,
                      match=r"^config\.tokenizer: .*tokenizer\.json"):
-    config_lib.validate(c)
+    describe(c)
   c.tokenizer = "toy"
   with pytest.raises(ConfigError, match=r"^config\.tokenizer: 'toy' needs"):
-    config_lib.validate(c)
+    describe(c)
 
 
 def test_pretrained_checkpoint_checked(tmp_path):
@@ -182,25 +236,25 @@ def test_pretrained_checkpoint_checked(tmp_path):
   c.model.kind = "pretrained"
   c.model.path = str(tmp_path / "missing")
   with pytest.raises(ConfigError, match=r"^config\.model\.path: .*not a dir"):
-    config_lib.validate(c)
+    describe(c)
   c.model.path = str(tmp_path)
   with pytest.raises(ConfigError, match=r"^config\.model\.path: no pretrained"):
-    config_lib.validate(c)
+    describe(c)
   (tmp_path / "config.json").write_text(
       '{"model_config": {"n_positions": 16}}')
   c.max_new_tokens = 15
-  config_lib.validate(c)
+  describe(c)
   c.max_new_tokens = 16
   with pytest.raises(ConfigError, match=r"^config\.max_new_tokens: .*= 16"):
-    config_lib.validate(c)
+    describe(c)
   c.max_new_tokens = 8
   c.tokenizer = "toy"
   with pytest.raises(ConfigError, match=r"^config\.tokenizer: .*byte-level"):
-    config_lib.validate(c)
+    describe(c)
   c.tokenizer = "byte"
   c.exact_metrics = True
   with pytest.raises(ConfigError, match=r"^config\.exact_metrics: .*toy"):
-    config_lib.validate(c)
+    describe(c)
 
 
 def test_sequence_longer_than_positions_names_both_lengths():
@@ -208,68 +262,47 @@ def test_sequence_longer_than_positions_names_both_lengths():
   c.model.n_positions = 20
   c.prompts = ("hello world",)       # BOS + 11 bytes = 12 tokens.
   c.max_new_tokens = 8
-  config_lib.validate(c)
+  describe(c)
   c.max_new_tokens = 9
   with pytest.raises(ConfigError) as e:
-    config_lib.validate(c)
+    describe(c)
   message = str(e.value)
   assert message.startswith("config.max_new_tokens: ")
   assert "prompt length 12" in message and "max_new_tokens 9" in message
-  assert "model.n_positions = 20" in message
+  assert "n_positions = 20" in message
 
 
 def test_lstm_has_no_position_limit():
   c = _valid()
   c.model.kind = "lstm"
   c.max_new_tokens = 10_000
-  config_lib.validate(c)
+  describe(c)
 
 
 def test_exact_metrics_needs_unconditional_small_space():
   c = _toy()
   c.exact_metrics = True
-  config_lib.validate(c)
+  describe(c)
   c.prompts = ("a",)
   with pytest.raises(ConfigError, match=r"^config\.exact_metrics: .*uncond"):
-    config_lib.validate(c)
+    describe(c)
   c.prompts = ()
   c.max_new_tokens = 20
   with pytest.raises(ConfigError, match=r"^config\.exact_metrics: .*sequences"):
-    config_lib.validate(c)
+    describe(c)
 
 
 def test_fixed_lambdas_skip_fit_samples_check():
   c = _distributional()
   c.target.lambdas = (1.5,)
   c.target.fit_samples = 0
-  config_lib.validate(c)
-
-
-def test_parse_feature_spec():
-  parse = config_lib.parse_feature_spec
-  assert parse("sentiment") == {"name": "sentiment"}
-  assert parse("word_list:words=love|life,label=ll") == {
-      "name": "word_list", "words": ("love", "life"), "label": "ll"}
-  assert parse("contains_tokens:token_ids=1") == {
-      "name": "contains_tokens", "token_ids": 1}
-  assert parse("offensive:threshold=None") == {"name": "offensive",
-                                               "threshold": None}
-  assert parse({"name": "regex", "pattern": "a{1,3}"}) == {
-      "name": "regex", "pattern": "a{1,3}"}
-  for bad in ("", "word_list:words", {"words": "x"}, 3):
-    with pytest.raises(ValueError):
-      parse(bad)
-
-
-def test_exact_support_size_matches_enumeration():
-  # V = 4, N = 3: 1 + 3 + 9 sequences with EOS, 27 capped.
-  assert config_lib.exact_support_size(4, 3) == 40
+  describe(c)
 
 
 def test_sized():
   c = config_lib.sized(_valid(), "tiny")
   assert (c.num_steps, c.batch_size, c.model.n_embd) == (3, 4, 16)
-  config_lib.validate(c)
+  describe(c)
   assert config_lib.sized(_valid(), "").num_steps == 200
   with pytest.raises(ValueError, match="default, tiny"):
     config_lib.sized(_valid(), "huge")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from fdiv_jax import main as main_lib
@@ -72,7 +73,9 @@ def snapshot(directory):
 
 @pytest.mark.parametrize("override,config,message", [
     ("--config.divergence=foo", "quickstart",
-     "config.divergence: must be one of forward_kl, reverse_kl"),
+     "config.divergence: Unknown divergence 'foo'; valid names: forward_kl, "
+     "reverse_kl"),
+    ("--config.mesh_data=64", "toy_exact", "config.mesh_data: "),
     ("--config.target.beta=-1", "sentiment_rlhf", "config.target.beta"),
     ("--config.learning_rate=0", "toy_exact", "config.learning_rate"),
 ])
@@ -127,3 +130,19 @@ def test_ctrl_c_then_rerun_resumes(tmp_path, subprocess_env):
     steps = [json.loads(line)["step"] for line in f]
   train_steps = [s for s in steps if s > 0]
   assert train_steps == sorted(train_steps)  # no duplicated steps after resume
+
+
+@pytest.mark.parametrize("divergence,key", [("hellinger", "hellinger"),
+                                            ("jensen_shannon", "js")])
+def test_the_trained_divergence_reaches_metrics_and_summary(divergence, key,
+                                                            tmp_path):
+  config = load_config("toy_exact")
+  config.divergence = divergence
+  summary = main_lib.run(config, str(tmp_path))
+  assert summary["divergence"] == key
+  assert np.isfinite(summary[key]) and np.isfinite(summary["exact/" + key])
+  assert key in summary["base"]
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert any(f"train/{key}" in r for r in rows)
+  assert any(f"eval/{key}" in r for r in rows)

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fdiv_jax.run import reporting
+from fdiv_jax.core import divergences
+from fdiv_jax.run import plots, progress, reporting
 
 
 def _lines(path):
@@ -65,7 +66,7 @@ def test_plot_metrics(tmp_path):
                           "eval/js": 0.1, "kl_from_base": float("nan"),
                           "distinct_1": 0.5, "self_bleu": 0.2,
                           "train/proposal_js": 0.3})
-  files = reporting.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
+  files = plots.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
                                  os.path.join(workdir, "plots"))
   names = sorted(os.path.basename(f) for f in files)
   # kl_from_base is all NaN: skipped.
@@ -73,7 +74,7 @@ def test_plot_metrics(tmp_path):
   for f in files:
     with open(f, "rb") as png:
       assert png.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert reporting.plot_metrics(str(tmp_path / "missing.jsonl"),
+  assert plots.plot_metrics(str(tmp_path / "missing.jsonl"),
                                 str(tmp_path / "p2")) == []
 
 
@@ -85,7 +86,7 @@ class _Stream(io.StringIO):
 
 def test_progress_bar_off_a_terminal():
   stream = _Stream()
-  bar = reporting.ProgressBar(100, initial=10, samples_per_step=8,
+  bar = progress.ProgressBar(100, initial=10, samples_per_step=8,
                               file=stream, log_interval_s=3600)
   metrics = {"eval": {"alignment": 0.5, "js": 0.125}, "kl_base": 2.0,
              "samples_per_sec": 64.0}
@@ -105,25 +106,39 @@ def test_progress_bar_off_a_terminal():
 
 
 def test_plot_groups_by_key():
-  assert reporting._is_divergence("eval/exact/forward_kl")
-  assert reporting._is_divergence("eval/div_hellinger")
-  assert not reporting._is_divergence("train/proposal_js")
-  assert reporting._is_alignment("eval/moment/female")
-  assert reporting._is_alignment("eval/alignment")
-  assert not reporting._is_alignment("eval/loss")
+  assert reporting.is_divergence_key("eval/exact/forward_kl")
+  assert reporting.is_divergence_key("eval/hellinger")
+  assert reporting.is_divergence_key("train/alpha_0.5")
+  assert not reporting.is_divergence_key("train/proposal_js")
+  assert not reporting.is_divergence_key("train/kl_from_base")
+  assert plots._is_alignment("eval/moment/female")
+  assert plots._is_alignment("eval/alignment")
+  assert not plots._is_alignment("eval/loss")
+
+
+@pytest.mark.parametrize("d", [divergences.get(n) for n in divergences.NAMES
+                               if n != "alpha"] + [divergences.get("alpha", alpha=0.5)],
+                         ids=str)
+def test_progress_bar_shows_the_trained_divergence(d):
+  # Every divergence of the registry is reported under its metric name, which
+  # the plots group as a divergence and the bar shows when it is the trained one.
+  key = d.metric_name
+  assert reporting.is_divergence_key(f"train/{key}")
+  bar = progress.ProgressBar(5, divergence_key=key, disable=True)
+  metrics = {"forward_kl": 1.0, "reverse_kl": 2.0, "tv": 0.25, "js": 0.125,
+             key: 0.0625}
+  assert bar.postfix({"train": metrics}) == {key: "0.0625"}
+  bar.close()
 
 
 def test_progress_bar_divergence_choice():
-  bar = reporting.ProgressBar(5, divergence_key="rkl", disable=True)
-  assert bar.postfix({"fkl": 1.0, "rkl": 2.0}) == {"rkl": "2"}
-  assert bar.postfix({"forward_kl": 1.0, "reverse_kl": 3.0}) == {"rkl": "3"}
-  bar.close()
-  bar = reporting.ProgressBar(5, disable=True)
+  bar = progress.ProgressBar(5, disable=True)
   assert bar.postfix({"js": 0.5, "forward_kl": 1.0, "kl_from_base": 4.0}) == {
       "forward_kl": "1", "kl_base": "4"}
   bar.close()
-  bar = reporting.ProgressBar(5, disable=True)
-  assert bar.postfix({"div_hellinger": 0.5}) == {"div_hellinger": "0.5"}
+  bar = progress.ProgressBar(5, disable=True)
+  assert bar.postfix({"hellinger": 0.5}) == {"hellinger": "0.5"}
+  assert bar.postfix({"alpha_2": 0.5}) == {"alpha_2": "0.5"}
   assert bar.postfix({}) == {}
   bar.close()
 

@@ -348,8 +348,12 @@ def test_baseline_messages_start_with_the_parameter():
 def test_baseline_valid_parameters_still_construct():
   assert baselines.get("moving_average", window=np.int64(2)).window == 2
   assert baselines.get("ema", decay=0.0).decay == 0.0
-  # The parameter a kind does not use is not checked.
-  assert baselines.get("batch_mean", window=0).kind == "batch_mean"
+  # Every parameter is checked, even one the kind does not use: a config
+  # with baseline_window=0 is a mistake whatever the baseline.
+  with pytest.raises(ValueError, match=r"^window: must be an integer >= 1"):
+    baselines.get("batch_mean", window=0)
+  with pytest.raises(ValueError, match=r"^decay: must be in \[0, 1\)"):
+    baselines.get("moving_average", decay=1.0)
 
 
 @pytest.mark.parametrize("bad", [0, 1, 0.0, 1.0, float("nan"), float("inf"),

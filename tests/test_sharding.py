@@ -31,7 +31,7 @@ def test_data_parallel_and_fsdp_match_one_device(subprocess_env):
 
 
 def test_mesh_errors_name_the_field():
-  with pytest.raises(ValueError, match="mesh_fsdp must be >= 1"):
+  with pytest.raises(ValueError, match="mesh_fsdp: must be an integer >= 1"):
     sharding.make_mesh(1, 0)
   n = jax.device_count()
   with pytest.raises(ValueError, match=f"needs {2 * n} devices"):

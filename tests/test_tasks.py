@@ -1,5 +1,6 @@
-"""Tests for fdiv_jax.run.tasks: `build` on every config in configs/ (tiny sizes,
-no training), batches, λ fitting, exact-metric support and build-time errors.
+"""Tests for fdiv_jax.run.tasks: `describe` then `build` on every config in
+configs/ (tiny sizes, no training), batches, λ fitting, exact-metric support and
+build-time errors.
 
 Configs on the shipped pretrained model are built on it when the checkpoint is
 there, else on a tiny random GPT-2 (same target and prompts).
@@ -43,6 +44,11 @@ def tiny_config(name: str):
   return load_config(name)
 
 
+def build(config):
+  """The task of `config`, through the typed run description."""
+  return tasks.build(tasks.describe(config))
+
+
 def test_every_config_file_is_tested():
   found = {f[:-3] for f in os.listdir(CONFIG_DIR)
            if f.endswith(".py") and not f.startswith("_")}
@@ -56,13 +62,13 @@ def test_config_defaults(name):
   for field in ("num_steps", "batch_size", "learning_rate", "seed",
                 "checkpoint_every"):
     assert field in c
-  config_lib.validate(c)
+  tasks.describe(c)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_build_tiny(name):
   c = tiny_config(name)
-  task = tasks.build(c)
+  task = build(c)
   tok = task.tokenizer
   # Sampler: the proposal's settings with the tokenizer's special ids.
   assert task.sampler == sampling.SamplerConfig(
@@ -76,23 +82,23 @@ def test_build_tiny(name):
   assert task.target.feature_names
   # Prompts and contexts.
   conditional = bool(c.prompts)
-  assert task.is_conditional == conditional
+  assert task.prompts.is_conditional == conditional
   assert isinstance(task.target, targets.ConditionalTarget) == conditional
   assert task.num_contexts == (len(c.prompts) if conditional else 1)
-  assert task.prompt_texts == tuple(c.prompts)
-  assert task.prompt_tokens.shape[0] == task.num_contexts
-  for i, length in enumerate(task.prompt_lengths):
-    row = task.prompt_tokens[i, -length:]
+  assert task.prompts.texts == tuple(c.prompts)
+  assert task.prompts.tokens.shape[0] == task.num_contexts
+  for i, length in enumerate(task.prompts.lengths):
+    row = task.prompts.tokens[i, -length:]
     assert row[0] == tok.bos_id
     if conditional:
       assert tok.decode(row[1:].tolist()) == c.prompts[i]
   if task.model.max_positions is not None:
-    assert (task.prompt_tokens.shape[1] + c.max_new_tokens
+    assert (task.prompts.tokens.shape[1] + c.max_new_tokens
             <= task.model.max_positions)
   # Batches: static shapes, deterministic in (seed, step).
   batch = task.batch(3, c.batch_size)
   assert isinstance(batch, state_lib.Batch)
-  assert batch.prompts.shape == (c.batch_size, task.prompt_tokens.shape[1])
+  assert batch.prompts.shape == (c.batch_size, task.prompts.tokens.shape[1])
   assert batch.prompts.dtype == np.int32
   assert batch.prompt_lengths.shape == batch.context_ids.shape == (
       c.batch_size,)
@@ -100,7 +106,7 @@ def test_build_tiny(name):
   for x, y in zip(jax.tree.leaves(batch), jax.tree.leaves(again)):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(batch.prompts,
-                                task.prompt_tokens[batch.context_ids])
+                                task.prompts.tokens[batch.context_ids])
   if not conditional:
     np.testing.assert_array_equal(batch.context_ids, 0)
     np.testing.assert_array_equal(batch.prompts, tok.bos_id)
@@ -117,14 +123,14 @@ def test_build_tiny(name):
 
 
 def test_quickstart_uses_the_shipped_model():
-  task = tasks.build(load_config("quickstart"))
+  task = build(load_config("quickstart"))
   assert type(task.tokenizer).__name__ == "ByteTokenizer"
   assert task.model.vocab_size >= task.tokenizer.vocab_size
 
 
 def test_cycled_contexts_cover_every_prompt():
   c = tiny_config("code_compilable")
-  task = tasks.build(c)
+  task = build(c)
   num = task.num_contexts
   ids = np.concatenate([task.batch(s, 3).context_ids for s in range(num)])
   np.testing.assert_array_equal(np.bincount(ids, minlength=num), 3)
@@ -134,19 +140,19 @@ def test_cycled_contexts_cover_every_prompt():
 def test_random_contexts_are_seeded_by_step():
   c = tiny_config("code_compilable")
   c.prompt_sampling = "random"
-  task = tasks.build(c)
+  task = build(c)
   a, b = task.batch(5, 64).context_ids, task.batch(6, 64).context_ids
   np.testing.assert_array_equal(a, task.batch(5, 64).context_ids)
   assert not np.array_equal(a, b)
   assert 0 <= a.min() and a.max() < task.num_contexts
   c.seed = 1
-  assert not np.array_equal(a, tasks.build(c).batch(5, 64).context_ids)
+  assert not np.array_equal(a, build(c).batch(5, 64).context_ids)
 
 
 def test_toy_exact_support_and_metrics():
-  task = tasks.build(load_config("toy_exact"))
+  task = build(load_config("toy_exact"))
   assert task.support.tokens.shape == (40, 3)
-  np.testing.assert_array_equal(task.exact_prompt, [0])
+  np.testing.assert_array_equal(task.prompts.tokens[0, -1:], [0])
   assert task.tokenizer.batch_decode(np.array([[1, 2, 0]]),
                                      np.array([[1, 1, 1]], bool)) == ["ab"]
   m = task.exact(task.params)
@@ -167,14 +173,14 @@ def _toy_distributional(moment=0.6, fit_samples=2048):
 
 
 def test_lambda_fit_matches_exact_moment():
-  task = tasks.build(_toy_distributional())
+  task = build(_toy_distributional())
   fit = task.lambda_fit
   assert fit.converged and fit.num_samples == 2048
   assert task.target.lambdas == pytest.approx(tuple(fit.lambdas))
   # E_p[φ] under p ∝ a·exp(λφ), by enumeration of the 40 sequences.
   support = task.support
   log_a = enumeration.log_probs(task.model, task.base_params,
-                                task.exact_prompt, support)
+                                task.prompts.tokens[0, -1:], support)
   phi = task.target.feature_values(jnp.asarray(support.tokens),
                                    jnp.asarray(support.mask))[:, 0]
   p = jax.nn.softmax(log_a + fit.lambdas[0] * phi)
@@ -186,7 +192,7 @@ def test_lambda_fit_matches_exact_moment():
 def test_fixed_lambdas_skip_the_fit():
   c = _toy_distributional()
   c.target.lambdas = (0.7,)
-  task = tasks.build(c)
+  task = build(c)
   assert task.lambda_fit is None and task.target.lambdas == (0.7,)
 
 
@@ -201,7 +207,7 @@ def test_unreachable_moment_names_the_field():
     warnings.simplefilter("ignore", targets.LambdaFitWarning)
     with pytest.raises(config_lib.ConfigError,
                        match=r"^config\.target\.moments: .*fit_samples"):
-      tasks.build(c)
+      build(c)
 
 
 def test_too_long_sequences_fail_at_build():
@@ -209,16 +215,16 @@ def test_too_long_sequences_fail_at_build():
   c.model.kind = "gpt2"
   c.model.n_positions = 24
   with pytest.raises(config_lib.ConfigError) as e:
-    tasks.build(c)
+    build(c)
   assert str(e.value).startswith("config.max_new_tokens: ")
-  assert "model.n_positions = 24" in str(e.value)
+  assert "n_positions = 24" in str(e.value)
 
 
 def test_lstm_builds():
   c = tiny_config("sentiment_rlhf")
   c.model.kind = "lstm"
   c.max_new_tokens = 300                         # No position limit.
-  task = tasks.build(c)
+  task = build(c)
   assert task.model.max_positions is None
 
 
@@ -247,11 +253,11 @@ def test_hf_model_and_tokenizer(tmp_path):
   c.max_new_tokens = 6                     # 1 + 6 prompt tokens + 6 > 12.
   with pytest.raises(config_lib.ConfigError,
                      match=r"^config\.max_new_tokens: prompt length 7"):
-    tasks.build(c)
+    build(c)
   c.max_new_tokens = 5
-  task = tasks.build(c)
+  task = build(c)
   assert task.tokenizer.eos_id == task.tokenizer.bos_id == 0
-  np.testing.assert_array_equal(task.prompt_tokens[1], [0, 0, 0, 0, 0, 6, 7])
+  np.testing.assert_array_equal(task.prompts.tokens[1], [0, 0, 0, 0, 0, 6, 7])
   assert task.num_contexts == 2
 
 
@@ -264,7 +270,7 @@ def test_pretrained_kind_loads_a_checkpoint_directory(tmp_path):
   pretrain.save_pretrained(str(tmp_path), config, params, tok)
   c = load_config("quickstart")
   c.model.path = str(tmp_path)
-  task = tasks.build(c)
+  task = build(c)
   assert task.model.config == config
   assert isinstance(task.tokenizer, tokenization.ByteTokenizer)
   np.testing.assert_array_equal(jax.tree.leaves(task.base_params)[0],
@@ -272,4 +278,4 @@ def test_pretrained_kind_loads_a_checkpoint_directory(tmp_path):
   c.max_new_tokens = 16                         # BOS + 16 > 16 positions.
   with pytest.raises(config_lib.ConfigError,
                      match=r"^config\.max_new_tokens: .*n_positions = 16"):
-    tasks.build(c)
+    build(c)

@@ -12,17 +12,18 @@ import toy_task
 from fdiv_jax.targets import features
 from fdiv_jax.lm import output_layer
 from fdiv_jax import targets
+from fdiv_jax.core import divergences
+from fdiv_jax.lm import enumeration
 from fdiv_jax.train import sharding
-from fdiv_jax.train import state as state_lib
+from fdiv_jax.train import eval_step as eval_step_lib
 from fdiv_jax.train import step as step_lib
 
 
 def run(task, config, num_steps):
   mesh = sharding.make_mesh()
-  state = sharding.shard_state(state_lib.create_state(
-      config, task.model, task.params, task.base_params), mesh)
+  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
   step_fn = sharding.jit_train_step(
-      step_lib.make_train_step(config, task.model, task.target, task.sampler),
+      step_lib.make_train_step(config.step, task.model, task.target, task.sampler),
       state, mesh)
   batch = task.batch(0, config.batch_size)
   metrics = None
@@ -124,16 +125,16 @@ def test_eval_step_metrics_match_exact_values():
   config = toy_task.toy_config(eval_batch_size=4096)
   task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
   mesh = sharding.make_mesh()
-  state = sharding.shard_state(state_lib.create_state(
-      config, task.model, task.params, task.base_params), mesh)
+  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
   exact = task.exact(task.params)
   # Give the state the exact log Z so only sampling error remains.
   state = state.replace(log_partition=state.log_partition._replace(
       log_sum_weights=jnp.array([exact.log_z], jnp.float32),
       count=jnp.ones((1,), jnp.float32)))
-  eval_fn = jax.jit(step_lib.make_eval_step(config, task.model, task.target,
-                                            task.sampler))
-  m = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(3))
+  eval_fn = jax.jit(eval_step_lib.make_eval_step(config.step, task.model,
+                                                 task.target, task.sampler))
+  m, samples = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(3))
+  assert samples.tokens.shape == (4096, toy_task.NEW_TOKENS)
   assert float(m["kl_from_base"]) == pytest.approx(0.0, abs=1e-5)
   assert float(m["alignment"]) == pytest.approx(exact.alignment, abs=0.05)
   for name in ("tv", "js", "forward_kl"):
@@ -185,3 +186,50 @@ def test_log_pi_is_rescored_whenever_q_is_not_pi(warping, monkeypatch):
     np.testing.assert_array_equal(fast[key], full[key], err_msg=key)
   if "mode" not in warping:  # Offline starts with q = π exactly, by value.
     assert abs(fast["importance_weight_mean"] - 1.0) > 1e-3
+
+
+@pytest.mark.parametrize("d", [divergences.get("hellinger"),
+                               divergences.get("pearson_chi2"),
+                               divergences.get("neyman_chi2"),
+                               divergences.get("alpha", alpha=0.5),
+                               divergences.get("alpha", alpha=-1.0)], ids=str)
+def test_the_trained_divergence_is_reported_by_step_and_evaluation(d):
+  """Every f of the registry is visible: the step and the evaluation report the
+  trained divergence under its metric name, and the evaluation's estimate
+  matches the exact value by enumeration."""
+  config = toy_task.toy_config(divergence=d, eval_batch_size=4096)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  _, metrics, _ = run(task, config, 1)
+  assert d.metric_name in metrics and np.isfinite(float(metrics[d.metric_name]))
+  for name in ("forward_kl", "reverse_kl", "tv", "js"):
+    assert name in metrics
+  mesh = sharding.make_mesh()
+  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
+  exact = task.exact(task.params)
+  state = state.replace(log_partition=state.log_partition._replace(
+      log_sum_weights=jnp.array([exact.log_z], jnp.float32),
+      count=jnp.ones((1,), jnp.float32)))
+  eval_fn = jax.jit(eval_step_lib.make_eval_step(config.step, task.model,
+                                                 task.target, task.sampler))
+  m, _ = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(5))
+  want = float(divergences.exact(
+      d, enumeration.log_probs(task.model, task.params, task.prompt, task.support),
+      _exact_log_p(task)))
+  assert float(m[d.metric_name]) == pytest.approx(want, rel=0.05, abs=0.01)
+
+
+def _exact_log_p(task):
+  support = task.support
+  log_a = enumeration.log_probs(task.model, task.base_params, task.prompt, support)
+  log_target = task.target.log_prob(jnp.asarray(support.tokens),
+                                    jnp.asarray(support.mask), log_a)
+  return log_target - jax.scipy.special.logsumexp(log_target)
+
+
+def test_eval_step_refuses_a_warped_sampler():
+  config = toy_task.toy_config(temperature=0.8)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  with pytest.raises(ValueError, match="untempered"):
+    eval_step_lib.make_eval_step(config.step, task.model, task.target, task.sampler)
+  eval_step_lib.make_eval_step(config.step, task.model, task.target,
+                               task.sampler.untempered())

@@ -5,34 +5,73 @@ continuations, so every divergence of the policy to the target is exact.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax.run import config as config_lib
-from fdiv_jax.lm import enumeration, models
+from fdiv_jax.core import baselines
+from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.targets import features
 from fdiv_jax import targets
+from fdiv_jax.train import loop as loop_lib
+from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
 
 VOCAB, NEW_TOKENS, EOS = 4, 3, 0
+_SAMPLER_FIELDS = ("temperature", "top_k", "top_p")
+_BASELINE_FIELDS = {"baseline": "kind", "baseline_window": "window",
+                    "baseline_decay": "decay"}
 
 
-def toy_config(**overrides):
-  c = config_lib.base_config()
-  c.batch_size = 64
-  c.max_new_tokens = NEW_TOKENS
-  c.learning_rate = 3e-3
-  c.warmup_steps = 0
-  c.log_every = 1
-  c.eval_every = 1000
-  c.eval_batch_size = 64
-  c.checkpoint_every = 1000
-  for key, value in overrides.items():
-    c[key] = value
-  return c
+@dataclasses.dataclass(frozen=True)
+class ToySettings:
+  """The typed objects of a toy run (what the run layer builds from a config)."""
+  loop: loop_lib.LoopConfig
+  step: step_lib.StepConfig
+  optimizer: optimizer_lib.OptimizerConfig
+  sampler: sampling.SamplerConfig
+
+  @property
+  def batch_size(self) -> int:
+    return self.loop.batch_size
+
+
+def toy_config(**overrides: Any) -> ToySettings:
+  """Toy defaults; each override goes to the object that owns its field."""
+  values = dict(num_steps=200, batch_size=64, learning_rate=3e-3, warmup_steps=0,
+                log_every=1, eval_every=1000, eval_batch_size=64,
+                checkpoint_every=1000, divergence="js")
+  values.update(overrides)
+  if "alpha" in values:
+    values["divergence"] = targets_divergence(values.pop("divergence"),
+                                              values.pop("alpha"))
+  pick = lambda cls: {f.name: values[f.name] for f in dataclasses.fields(cls)
+                      if f.name in values}
+  baseline = baselines.Baseline(**{v: values[k] for k, v in _BASELINE_FIELDS.items()
+                                   if k in values})
+  used = ({f.name for c in (loop_lib.LoopConfig, step_lib.StepConfig,
+                            optimizer_lib.OptimizerConfig)
+           for f in dataclasses.fields(c)} | set(_SAMPLER_FIELDS)
+          | set(_BASELINE_FIELDS))
+  unknown = set(values) - used
+  assert not unknown, f"toy_config: unknown fields {sorted(unknown)}"
+  step_values = pick(step_lib.StepConfig)
+  step_values["baseline"] = baseline
+  return ToySettings(
+      loop=loop_lib.LoopConfig(**pick(loop_lib.LoopConfig)),
+      step=step_lib.StepConfig(**step_values),
+      optimizer=optimizer_lib.OptimizerConfig(**pick(optimizer_lib.OptimizerConfig)),
+      sampler=sampling.SamplerConfig(
+          max_new_tokens=NEW_TOKENS, eos_id=EOS, pad_id=EOS,
+          **{k: values[k] for k in _SAMPLER_FIELDS if k in values}))
+
+
+def targets_divergence(name, alpha):
+  from fdiv_jax.core import divergences  # pylint: disable=g-import-not-at-top
+  return divergences.get(name, alpha=alpha)
 
 
 def toy_target(kind="reward"):
@@ -42,9 +81,17 @@ def toy_target(kind="reward"):
   return targets.PointwiseTarget((has_one,))
 
 
+def create_state(settings: ToySettings, task, **kwargs):
+  """The step-0 FDPGState of `task` under `settings` (host arrays)."""
+  return state_lib.create_state(task.model, task.params, step_config=settings.step,
+                                optimizer=settings.optimizer,
+                                base_params=task.base_params,
+                                seed=settings.loop.seed, **kwargs)
+
+
 @dataclasses.dataclass
 class ToyTask:
-  config: object
+  config: ToySettings
   target: object
   seed: int = 1
 
@@ -54,7 +101,7 @@ class ToyTask:
     self.params = self.model.init(jax.random.PRNGKey(self.seed),
                                   jnp.zeros((1, 4), jnp.int32))["params"]
     self.base_params = self.params
-    self.sampler = step_lib.sampler_from_config(self.config, eos_id=EOS, pad_id=EOS)
+    self.sampler = self.config.sampler
     self.num_contexts = 1
     self.support = enumeration.all_continuations(VOCAB, NEW_TOKENS, EOS)
     self.prompt = np.array([EOS])

@@ -22,7 +22,8 @@ def main():
   config = toy_task.toy_config(checkpoint_every=3, log_every=2, eval_every=4,
                                eval_batch_size=32)
   task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
-  result = loop.train(config, task, workdir, num_steps=num_steps,
+  result = loop.train(task, workdir, loop=config.loop, step=config.step,
+                      optimizer=config.optimizer, num_steps=num_steps,
                       on_step=lambda s: print(f"step {s}", flush=True))
   print(json.dumps({"step": result.step, "resumed_from": result.resumed_from,
                     "preempted": result.preempted}), flush=True)

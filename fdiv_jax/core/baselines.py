@@ -89,11 +89,11 @@ class Baseline:
     if self.kind not in KINDS:
       raise ValueError(f"kind: unknown baseline kind {self.kind!r}; valid kinds: "
                        f"{', '.join(KINDS)}.")
-    if self.kind == "moving_average" and (
-        not isinstance(self.window, numbers.Integral)
+    # Checked whatever the kind: a bad value is a mistake even where unused.
+    if (not isinstance(self.window, numbers.Integral)
         or isinstance(self.window, bool) or self.window < 1):
       raise ValueError(f"window: must be an integer >= 1, got {self.window!r}.")
-    if self.kind == "ema" and not 0.0 <= self.decay < 1.0:
+    if not (isinstance(self.decay, numbers.Real) and 0.0 <= self.decay < 1.0):
       raise ValueError(f"decay: must be in [0, 1), got {self.decay!r}.")
 
   def init(self, dtype=jnp.float32) -> Any:

@@ -10,7 +10,7 @@ moment has an exact value: `toy_exact` runs and the tests compare against them.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,15 +82,24 @@ def context(prompt: np.ndarray, support: Support) -> dict[str, Array]:
 
 class ExactMetrics(NamedTuple):
   log_z: float
-  divergences: dict[str, float]   # D(π‖p) for the four reported divergences
+  divergences: dict[str, float]   # D(π‖p) by metric name: the four reported
+                                  # ones and any `extra` divergence
   kl_from_base: float
   alignment: float                # E_π[alignment]
   target_alignment: float         # E_p[alignment]
 
 
+STANDARD_DIVERGENCES = ("forward_kl", "reverse_kl", "tv", "js")
+
+
 def exact_metrics(model, params, base_params, target, prompt: np.ndarray,
-                  support: Support) -> ExactMetrics:
-  """Exact Z, D(π‖p), KL(π‖a) and alignment by enumeration of `support`."""
+                  support: Support, extra: Sequence[divergences.Divergence] = ()
+                  ) -> ExactMetrics:
+  """Exact Z, D(π‖p), KL(π‖a) and alignment by enumeration of `support`.
+
+  `divergences` holds KL(p‖π), KL(π‖p), TV, JS and each of `extra` (e.g. the
+  trained divergence), keyed by `Divergence.metric_name`.
+  """
   log_pi = log_probs(model, params, prompt, support)
   log_a = log_probs(model, base_params, prompt, support)
   ctx = context(prompt, support)
@@ -98,8 +107,8 @@ def exact_metrics(model, params, base_params, target, prompt: np.ndarray,
   log_target = target.log_prob(tokens, mask, log_a, ctx)
   log_z = jax.scipy.special.logsumexp(log_target)
   log_p = log_target - log_z
-  names = ("forward_kl", "reverse_kl", "tv", "js")
-  divs = {n: float(divergences.exact(n, log_pi, log_p)) for n in names}
+  ds = [divergences.get(n) for n in STANDARD_DIVERGENCES] + list(extra)
+  divs = {d.metric_name: float(divergences.exact(d, log_pi, log_p)) for d in ds}
   align = target.alignment(tokens, mask, ctx)
   return ExactMetrics(
       log_z=float(log_z), divergences=divs,

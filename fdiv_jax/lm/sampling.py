@@ -28,6 +28,7 @@ row has emitted EOS.
 """
 
 import dataclasses
+import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -60,14 +61,20 @@ class SamplerConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got "
-                       f"{self.max_new_tokens}.")
+    if (not isinstance(self.max_new_tokens, numbers.Integral)
+        or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1):
+      raise ValueError(f"max_new_tokens: must be an integer >= 1, got "
+                       f"{self.max_new_tokens!r}.")
     self.warping  # Validates temperature, top_k and top_p.
 
   @property
   def warping(self) -> scoring.Warping:
     return scoring.Warping(self.temperature, self.top_k, self.top_p)
+
+  def untempered(self) -> "SamplerConfig":
+    """The same lengths and special ids without warping: samples of the model
+    itself (what evaluation measures), temperature 1, no top-k, no top-p."""
+    return dataclasses.replace(self, temperature=1.0, top_k=0, top_p=1.0)
 
 
 class SampleOutput(NamedTuple):

@@ -24,6 +24,7 @@ and a rescoring here agree up to float rounding of the two forward passes.
 """
 
 import dataclasses
+import numbers
 from typing import Any, Optional, Tuple
 
 import jax
@@ -49,12 +50,16 @@ class Warping:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}.")
+    if not (isinstance(self.temperature, numbers.Real) and 0 < self.temperature
+            < float("inf")):
+      raise ValueError(f"temperature: must be a finite number > 0, got "
+                       f"{self.temperature!r}.")
+    if (not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool)
+        or self.top_k < 0):
+      raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got "
+                       f"{self.top_k!r}.")
+    if not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):
+      raise ValueError(f"top_p: must be in (0, 1] (1 = off), got {self.top_p!r}.")
 
 
 def as_warping(warping: Any) -> Warping:

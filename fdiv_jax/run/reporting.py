@@ -1,5 +1,5 @@
-"""Run reporting: metrics as JSONL and TensorBoard scalars, PNG plots, a live
-progress bar, a ``samples.md`` file and an end-of-run summary table.
+"""Run reporting: metrics as JSONL and TensorBoard scalars, a ``samples.md`` file
+and an end-of-run summary table (plots: ``plots``; the live bar: ``progress``).
 
 Everything here runs on the host, outside ``jit``; metric values may be Python
 numbers, NumPy or JAX scalars.
@@ -14,13 +14,10 @@ with a meaning here:
 ``alignment``             E_π[b(x)] or E_π[r(x)]
 ``moment*``, ``moment/*``  feature moments E_π[φ_i(x)] (``moment_0``,
                           ``moment/<feature>``)
-``forward_kl`` (``fkl``), divergences of π to the target p: KL(p‖π),
-``reverse_kl`` (``rkl``), KL(π‖p), TV, JS, and the other names of
-``tv``, ``js``,           ``fdiv_jax.core.divergences``; any other divergence to
-``pearson_chi2``,         the target as ``div_<name>``
-``neyman_chi2``,
-``hellinger``, ``alpha``,
-``div_*``
+``forward_kl``,           divergences of π to the target p under their
+``reverse_kl``, ``tv``,   ``Divergence.metric_name``: KL(p‖π), KL(π‖p), TV,
+``js``, ``hellinger``,    JS, and any other f of ``fdiv_jax.core.divergences``
+``alpha_0.5``, ...        (``is_divergence_key``)
 ``kl_from_base``          KL(π‖a), from the base model (alias ``kl_base``)
 (``kl_base``)
 ``distinct_1/2/3``,       diversity (``fdiv_jax.run.metrics.diversity_report``)
@@ -41,19 +38,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import numpy as np
+
+from fdiv_jax.core import divergences
 import tensorboardX
-import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-DIVERGENCE_KEYS = ("forward_kl", "reverse_kl", "js", "tv", "fkl", "rkl",
-                   "pearson_chi2", "neyman_chi2", "hellinger", "alpha")
-DIVERGENCE_ALIASES = {"kl": "forward_kl", "fkl": "forward_kl",
-                      "rkl": "reverse_kl"}
 DIVERSITY_KEYS = ("distinct_1", "distinct_2", "distinct_3", "self_bleu")
 KL_BASE_KEYS = ("kl_from_base", "kl_base")
 ALIGNMENT_KEY = "alignment"
@@ -243,215 +235,10 @@ class MetricWriter:
     self.close()
 
 
-# ----------------------------------------------------------------------------
-# Plots.
-
-
-def _is_divergence(key: str) -> bool:
+def is_divergence_key(key: str) -> bool:
+  """True when the base name of `key` is a divergence's metric name."""
   name = base_name(key)
-  return name in DIVERGENCE_KEYS or name.startswith("div_")
-
-
-def _is_alignment(key: str) -> bool:
-  return (base_name(key) == ALIGNMENT_KEY or
-          any(part.startswith("moment") for part in key.split("/")))
-
-
-# (file stem, title, y label, key predicate)
-_PLOTS = (
-    ("alignment", "Alignment", "E_π[b] or E_π[φ]", _is_alignment),
-    ("divergences", "Divergences to the target p", "D(π, p)",
-     _is_divergence),
-    ("kl_base", "KL(π‖a) from the base model", "nats",
-     lambda key: base_name(key) in KL_BASE_KEYS),
-    ("diversity", "Diversity", "score",
-     lambda key: base_name(key) in DIVERSITY_KEYS),
-)
-
-
-def _series(rows: Sequence[Mapping[str, Any]],
-            key: str) -> tuple[np.ndarray, np.ndarray]:
-  steps, values = [], []
-  for row in rows:
-    value = row.get(key)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-      steps.append(row["step"])
-      values.append(value)
-  return np.asarray(steps), np.asarray(values)
-
-
-def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
-  """Writes PNG plots of a ``metrics.jsonl`` over steps; returns their paths.
-
-  One figure per group, each with one line per matching key (see the module
-  docstring for base names): ``alignment.png`` (``alignment``, moments),
-  ``divergences.png`` (``forward_kl``, ``reverse_kl``, ``tv``, ``js``, the
-  other divergence names, ``div_*``), ``kl_base.png`` (``kl_from_base``),
-  ``diversity.png`` (``distinct_1/2/3``, ``self_bleu``). A group with no key in the file is skipped, and so are
-  non-finite values. Uses the Agg canvas directly (no pyplot, no global
-  backend change).
-  """
-  rows = read_metrics(jsonl_path)
-  keys = sorted({k for row in rows for k in row if k not in ("step", "time")})
-  os.makedirs(out_dir, exist_ok=True)
-  written = []
-  for stem, title, ylabel, matches in _PLOTS:
-    lines = [(key, *_series(rows, key)) for key in keys if matches(key)]
-    lines = [line for line in lines if line[1].size]
-    if not lines:
-      continue
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key, steps, values in lines:
-      ax.plot(steps, values, marker="." if steps.size < 50 else None,
-              label=key)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{stem}.png")
-    fig.savefig(path)
-    written.append(path)
-  return written
-
-
-# ----------------------------------------------------------------------------
-# Progress bar.
-
-
-def _lookup(metrics: Mapping[str, float], name: str) -> float | None:
-  """The value of key ``name``, else of the first key with that base name."""
-  if name in metrics:
-    return metrics[name]
-  for key, value in metrics.items():
-    if base_name(key) == name:
-      return value
-  return None
-
-
-class _LineStream:
-  """A file for tqdm off a terminal: one line per refresh, no ``\\r``."""
-
-  def __init__(self, stream: TextIO):
-    self._stream = stream
-
-  def write(self, text: str):
-    text = text.strip("\r\n")
-    if text:
-      self._stream.write(text + "\n")
-
-  def flush(self):
-    self._stream.flush()
-
-
-class ProgressBar:
-  """A tqdm bar over training steps with the key metrics in its postfix.
-
-  Shows ``step/total``, elapsed time and ETA (tqdm's own), and in the postfix
-  alignment (``align``), the divergence to the target (``<name>``), KL(π‖a)
-  (``kl_base``, from ``kl_from_base`` or ``kl_base``) and samples/s. Samples/s is ``metrics["samples_per_sec"]``
-  when given, else steps/s (over the last 20 updates) × ``samples_per_step``
-  when that is set.
-
-  On a terminal the bar redraws at most every 0.5 s. Off a terminal (CI, log
-  files) it prints a plain line at most every ``log_interval_s`` seconds
-  (and at the end), without carriage returns.
-
-  Args:
-    total: number of training steps.
-    initial: the step training starts (or resumes) at.
-    samples_per_step: samples drawn per step, for samples/s.
-    divergence_key: base name of the divergence shown (the trained one, e.g.
-      ``"js"``; ``"kl"``/``"fkl"`` and ``"rkl"`` also find ``forward_kl`` and
-      ``reverse_kl``); by default the first present of ``DIVERGENCE_KEYS``,
-      then ``div_*``.
-    file: the stream (default ``sys.stderr``).
-    log_interval_s: minimum seconds between lines off a terminal.
-    disable: no output at all.
-  """
-
-  def __init__(self, total: int, initial: int = 0, *,
-               samples_per_step: int | None = None,
-               divergence_key: str | None = None,
-               file: TextIO | None = None, log_interval_s: float = 30.0,
-               disable: bool = False):
-    stream = sys.stderr if file is None else file
-    self._stream = stream
-    isatty = getattr(stream, "isatty", lambda: False)()
-    self._samples_per_step = samples_per_step
-    self._divergence_key = divergence_key
-    self._history = collections.deque(maxlen=20)  # (time, step)
-    self._bar = tqdm.tqdm(
-        total=total, initial=initial, desc="train", unit="step",
-        file=stream if isatty else _LineStream(stream),
-        dynamic_ncols=isatty, ascii=not isatty, leave=True,
-        mininterval=0.5 if isatty else log_interval_s,
-        maxinterval=10.0 if isatty else 10 * log_interval_s,
-        smoothing=0.1, disable=disable)
-
-  def postfix(self, metrics: Mapping[str, Any]) -> dict[str, str]:
-    """The postfix fields shown for ``metrics`` (exposed for tests)."""
-    values = scalars(metrics)
-    fields = {}
-    alignment = _lookup(values, ALIGNMENT_KEY)
-    if alignment is not None:
-      fields["align"] = f"{alignment:.3f}"
-    if self._divergence_key:
-      key = self._divergence_key
-      names = [key, DIVERGENCE_ALIASES.get(key, key)]
-    else:
-      names = [*DIVERGENCE_KEYS, *sorted({base_name(k) for k in values
-                                          if base_name(k).startswith("div_")})]
-    for name in names:
-      value = _lookup(values, name)
-      if value is not None:
-        fields[self._divergence_key or name] = f"{value:.4g}"
-        break
-    for name in KL_BASE_KEYS:
-      kl_base = _lookup(values, name)
-      if kl_base is not None:
-        fields["kl_base"] = f"{kl_base:.4g}"
-        break
-    rate = _lookup(values, "samples_per_sec")
-    if rate is None and self._samples_per_step:
-      steps_per_sec = self.steps_per_sec()
-      if steps_per_sec:
-        rate = steps_per_sec * self._samples_per_step
-    if rate is not None:
-      fields["samples/s"] = f"{rate:.1f}"
-    return fields
-
-  def steps_per_sec(self) -> float | None:
-    """Steps/s over the last (up to) 20 updates; ``None`` before two."""
-    if len(self._history) < 2:
-      return None
-    (t0, n0), (t1, n1) = self._history[0], self._history[-1]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
-  def update(self, step: int, metrics: Mapping[str, Any] | None = None):
-    """Moves the bar to absolute ``step`` and shows ``metrics``."""
-    self._history.append((time.perf_counter(), int(step)))
-    delta = int(step) - self._bar.n
-    if metrics:
-      self._bar.set_postfix(self.postfix(metrics), refresh=False)
-    if delta > 0:
-      self._bar.update(delta)
-
-  def write(self, message: str):
-    """Prints a line, on the bar's stream, without breaking the bar."""
-    self._bar.write(message, file=self._stream)
-
-  def close(self):
-    self._bar.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+  return name in divergences.NAMES or name.startswith("alpha_")
 
 
 # ----------------------------------------------------------------------------

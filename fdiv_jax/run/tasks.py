@@ -1,104 +1,233 @@
-"""From a run config to the concrete pieces of an f-DPG run.
+"""From a run config to typed objects (once), and from those to a task.
 
-``build(config) -> Task`` validates the config (``config.validate``), then
-builds, in this order:
+``describe(config) -> RunSpec`` is the one place where the ``ConfigDict`` becomes
+typed, frozen objects; nothing below the run layer sees the config. It is cheap
+(no weights are loaded; at most a checkpoint's config.json and tokenizer are
+read), so a bad value stops the run before anything is written:
 
-1. the base model a(x) and its tokenizer (``config.model``,
-   ``config.tokenizer``):
+==================================  ==========================================
+config fields                       object (its constructor checks them)
+==================================  ==========================================
+divergence, alpha                   ``divergences.get`` → ``Divergence``
+baseline, baseline_window, _decay   ``baselines.Baseline``
+mode, ema_decay, log_ratio_clip,    ``train.StepConfig``
+proposal_update_*, reuse_sampler_*
+learning_rate, lr_schedule, ...     ``train.OptimizerConfig``
+num_steps, batch_size, eval_*,      ``train.LoopConfig`` (+ the device count of
+log_every, checkpoint_*, mesh_*     the mesh, ``sharding.mesh_shape``)
+max_new_tokens, temperature,        ``sampling.SamplerConfig`` (the proposal;
+top_k, top_p                        ``.untempered()`` for evaluation)
+model.*, tokenizer                  ``models.ModelSpec`` and its tokenizer
+prompts, prompt_sampling            ``prompts.Prompts``
+target.*                            ``targets.TargetSpec``
+==================================  ==========================================
 
-   ===========  ==========================================================
-   model.kind   what is loaded
-   ===========  ==========================================================
-   pretrained   ``pretrain.load_pretrained(model.path or the shipped
-                fdiv_jax/data/pretrained)``: byte-level GPT-2, its sizes
-   gpt2         ``GPT2LM`` of ``model.{vocab_size, n_positions, n_layer,
-                n_head, n_embd}``, random init
-   lstm         ``LSTMLM``: embedding and hidden width ``model.n_embd``,
-                ``model.n_layer`` layers, random init
-   hf           ``models.load_hf_checkpoint(model.path)``: its sizes
-   ===========  ==========================================================
+Constructors raise ValueError (or TypeError) whose message starts with the
+parameter at fault (``"top_p: must be in (0, 1] ..."``); ``describe`` turns it
+into ``ConfigError("config.top_p: ...")``. What no constructor owns is checked
+here: prompt plus continuation within the model's positions, the device count,
+and what exact metrics need.
 
-   Random inits use the key ``fold_in(PRNGKey(seed), 1)`` (the train state's
-   RNG is ``PRNGKey(seed)``). ``model.dtype`` sets the activation dtype.
-   Tokenizers: ``byte`` (``ByteTokenizer``), ``hf`` (``model.path/
-   tokenizer.json``) or ``toy`` (:class:`ToyTokenizer`).
-
-2. the prompts: each ``[BOS] + tokenizer.encode(text)``, left-padded to the
-   longest, ``prompt_tokens`` int32 ``[C, P]``; one BOS token (C = 1) when
-   ``config.prompts`` is empty. P + ``max_new_tokens`` must fit the model's
-   positions (``ConfigError`` naming ``max_new_tokens`` otherwise).
-
-3. the target p(x) ∝ P(x) from ``config.target`` (:func:`target_config` maps
-   the fields onto ``targets.from_config``), features built with
-   ``decode=tokenizer.batch_decode`` and ``encode=tokenizer.encode``; a
-   distributional target without ``target.lambdas`` gets λ fitted on
-   ``target.fit_samples`` samples from a (:func:`fit_distributional`); with
-   prompts the target is wrapped in ``targets.ConditionalTarget`` (CDPG, one
-   Z_c per prompt).
-
-4. the proposal's ``SamplerConfig`` (``max_new_tokens``, ``temperature``,
-   ``top_k``, ``top_p``, the tokenizer's EOS and pad ids) and, when
-   ``config.exact_metrics``, the enumerated support of the toy space.
-
-The initial policy ``params`` is a copy of ``base_params`` (separate buffers,
-so donating one never invalidates the other).
+``build(spec) -> Task`` then loads the model, builds the target on the real
+tokenizer, fits λ of a distributional target on samples of the base model,
+and enumerates the support of a toy space for exact metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Sequence
+import re
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax.run import config as config_lib
-from fdiv_jax.lm import enumeration
-from fdiv_jax.lm import models
-from fdiv_jax.lm import sampling
 from fdiv_jax import targets as targets_lib
-from fdiv_jax.lm import tokenization
-from fdiv_jax.train import state as state_lib
+from fdiv_jax.core import baselines, divergences
+from fdiv_jax.lm import enumeration, models, sampling
+from fdiv_jax.run.config import ConfigError
+from fdiv_jax.run.prompts import Prompts
+from fdiv_jax.train import loop as loop_lib
+from fdiv_jax.train import optimizer as optimizer_lib
+from fdiv_jax.train import sharding
+from fdiv_jax.train import step as step_lib
 
-ConfigError = config_lib.ConfigError
+_LEADING_PARAM = re.compile(r"^([A-Za-z_]\w*)((?:\[\d+\])?): (.*)$", re.S)
 
 
-class ToyTokenizer:
-  """Tokenizer of the enumerable toy spaces: ids 0..V-1.
+@contextlib.contextmanager
+def _config_errors(default: str, **fields: str) -> Iterator[None]:
+  """Re-raises a constructor's ValueError/TypeError as `ConfigError`.
 
-  Id 0 is BOS, EOS and pad at once (GPT-2's ``<|endoftext|>`` convention);
-  ids 1..V-1 are the letters "a", "b", ... (V <= 27). Same interface as
-  ``fdiv_jax.lm.tokenization``: ``vocab_size``, ``bos_id``, ``eos_id``,
-  ``pad_id``, ``encode``, ``decode``, ``batch_decode``.
+  A message "param: ..." (or "param[i]: ...") whose param is a key of `fields`
+  names the config field `fields[param]`; any other message names `default`.
   """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    match = _LEADING_PARAM.match(message)
+    if match and match.group(1) in fields:
+      field = fields[match.group(1)] + match.group(2)
+      message = match.group(3)
+    else:
+      field = default
+    raise ConfigError(f"config.{field}: {message}") from e
 
-  bos_id = eos_id = pad_id = 0
 
-  def __init__(self, vocab_size: int):
-    if not 2 <= vocab_size <= config_lib.TOY_MAX_VOCAB:
-      raise ValueError(f"ToyTokenizer: vocab_size must be in [2, "
-                       f"{config_lib.TOY_MAX_VOCAB}], got {vocab_size}")
-    self.vocab_size = vocab_size
+def _same_names(cls, prefix: str = "") -> dict[str, str]:
+  """{field: prefix + field} for the fields of dataclass `cls`."""
+  return {f.name: prefix + f.name for f in dataclasses.fields(cls)}
 
-  def encode(self, text: str) -> list[int]:
-    ids = config_lib.toy_encode(text)
-    if ids and max(ids) >= self.vocab_size:
-      raise ValueError(f"ToyTokenizer: {text!r} needs ids up to {max(ids)}, "
-                       f"vocab_size is {self.vocab_size}")
-    return ids
 
-  def decode(self, ids: Sequence[int]) -> str:
-    return "".join(chr(ord("a") + int(i) - 1) for i in ids
-                   if 0 < int(i) < self.vocab_size)
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunSpec:
+  """Everything a run needs, as typed objects (built by :func:`describe`).
 
-  def batch_decode(self, tokens: np.ndarray,
-                   mask: np.ndarray | None = None) -> list[str]:
-    """Decodes ``tokens`` [B, N] over ``mask`` [B, N] (special ids dropped)."""
-    tokens = np.asarray(tokens)
-    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask)
-    return [self.decode(row[m].tolist()) for row, m in zip(tokens, mask)]
+  Attributes:
+    loop: steps, batch sizes, report intervals, seed, mesh.
+    step: the f-DPG update rule (divergence, baseline, mode, ...).
+    optimizer: the optimiser's settings.
+    sampler: the proposal's sampler (with the tokenizer's EOS and pad ids);
+      evaluation uses ``sampler.untempered()``.
+    model: the base model to load.
+    tokenizer: the tokenizer (``encode``/``decode``/``batch_decode``, ids).
+    prompts: the encoded prompts and the batch rule.
+    target: the target's description (built on the tokenizer by ``build``).
+    exact_metrics: enumerate the (toy) space for exact metrics.
+    num_samples_md: samples per prompt and model written to samples.md.
+    config_json: the config as JSON, for the workdir and the summary.
+  """
+  loop: loop_lib.LoopConfig
+  step: step_lib.StepConfig
+  optimizer: optimizer_lib.OptimizerConfig
+  sampler: sampling.SamplerConfig
+  model: models.ModelSpec
+  tokenizer: Any
+  prompts: Prompts
+  target: targets_lib.TargetSpec
+  exact_metrics: bool
+  num_samples_md: int
+  config_json: str
+
+
+def _divergence(c) -> divergences.Divergence:
+  name = c.divergence
+  if isinstance(name, str) and divergences.ALIASES.get(name, name) == "alpha":
+    return divergences.get(name, alpha=c.alpha)
+  return divergences.get(name)
+
+
+def describe(config) -> RunSpec:
+  """The typed objects of a run (module docstring); raises `ConfigError`."""
+  c = config
+  with _config_errors("seed", **_same_names(loop_lib.LoopConfig)):
+    loop = loop_lib.LoopConfig(
+        num_steps=c.num_steps, batch_size=c.batch_size, seed=c.seed,
+        eval_every=c.eval_every, eval_batch_size=c.eval_batch_size,
+        log_every=c.log_every, checkpoint_every=c.checkpoint_every,
+        keep_checkpoints=c.keep_checkpoints, mesh_data=c.mesh_data,
+        mesh_fsdp=c.mesh_fsdp)
+    sharding.mesh_shape(loop.mesh_data, loop.mesh_fsdp, jax.device_count())
+  with _config_errors("divergence", alpha="alpha"):
+    divergence = _divergence(c)
+  with _config_errors("baseline", kind="baseline", window="baseline_window",
+                      decay="baseline_decay"):
+    baseline = baselines.Baseline(c.baseline, c.baseline_window, c.baseline_decay)
+  with _config_errors("mode", **_same_names(step_lib.StepConfig)):
+    step = step_lib.StepConfig(
+        divergence=divergence, baseline=baseline, mode=c.mode,
+        ema_decay=c.ema_decay,
+        log_ratio_clip=None if c.log_ratio_clip == 0 else c.log_ratio_clip,
+        proposal_update_metric=c.proposal_update_metric,
+        proposal_update_window=c.proposal_update_window,
+        reuse_sampler_log_probs=c.reuse_sampler_log_probs)
+  with _config_errors("learning_rate", **_same_names(optimizer_lib.OptimizerConfig)):
+    optimizer = optimizer_lib.OptimizerConfig(
+        learning_rate=c.learning_rate, num_steps=c.num_steps,
+        lr_schedule=c.lr_schedule, warmup_steps=c.warmup_steps,
+        adam_b1=c.adam_b1, adam_b2=c.adam_b2, weight_decay=c.weight_decay,
+        max_grad_norm=c.max_grad_norm, grad_accum_steps=c.grad_accum_steps)
+
+  model_fields = _same_names(models.ModelSpec, "model.")
+  with _config_errors("model.kind", **model_fields):
+    model = models.ModelSpec(**c.model.to_dict())
+  with _config_errors("tokenizer", tokenizer="tokenizer",
+                      vocab_size="model.vocab_size"):
+    tokenizer = model.tokenizer(c.tokenizer)
+  with _config_errors("max_new_tokens", max_new_tokens="max_new_tokens",
+                      temperature="temperature", top_k="top_k", top_p="top_p"):
+    sampler = sampling.SamplerConfig(
+        max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        top_k=c.top_k, top_p=c.top_p, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id)
+  with _config_errors("prompts", prompts="prompts",
+                      prompt_sampling="prompt_sampling"):
+    prompts = Prompts.encode(c.prompts, tokenizer, sampling_rule=c.prompt_sampling,
+                             seed=c.seed)
+  with _config_errors("model.path", **model_fields):
+    check_positions(sampler.max_new_tokens, prompts.length, model.max_positions)
+  with _config_errors("target.kind", **_same_names(targets_lib.TargetSpec,
+                                                   "target.")):
+    target = targets_lib.TargetSpec(**c.target.to_dict())
+
+  if not isinstance(c.exact_metrics, bool):
+    raise ConfigError(f"config.exact_metrics: must be True or False, got "
+                      f"{c.exact_metrics!r}.")
+  if c.exact_metrics:
+    _check_exact_metrics(model, prompts, sampler.max_new_tokens)
+  if (not isinstance(c.num_samples_md, int) or isinstance(c.num_samples_md, bool)
+      or c.num_samples_md < 0):
+    raise ConfigError(f"config.num_samples_md: must be an integer >= 0, got "
+                      f"{c.num_samples_md!r}.")
+  return RunSpec(loop=loop, step=step, optimizer=optimizer, sampler=sampler,
+                 model=model, tokenizer=tokenizer, prompts=prompts, target=target,
+                 exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,
+                 config_json=c.to_json_best_effort(indent=2))
+
+
+def check_positions(max_new_tokens: int, prompt_length: int,
+                    limit: int | None) -> None:
+  """Raises `ConfigError` when prompt + continuation exceed the positions.
+
+  Args:
+    max_new_tokens: N.
+    prompt_length: P, tokens of the longest prompt (BOS included).
+    limit: the model's position limit (None: no limit).
+  """
+  if limit is not None and prompt_length + max_new_tokens > limit:
+    raise ConfigError(
+        f"config.max_new_tokens: prompt length {prompt_length} (longest prompt, "
+        f"BOS included) + max_new_tokens {max_new_tokens} = "
+        f"{prompt_length + max_new_tokens} exceeds the model's positions "
+        f"(n_positions = {limit}); lower max_new_tokens or use shorter prompts.")
+
+
+def _check_exact_metrics(model: models.ModelSpec, prompts: Prompts,
+                         max_new_tokens: int) -> None:
+  if model.kind not in ("gpt2", "lstm"):
+    raise ConfigError("config.exact_metrics: needs an enumerable toy space: "
+                      "model.kind 'gpt2' or 'lstm' with a small "
+                      f"model.vocab_size; got {model.kind!r}.")
+  if prompts.is_conditional:
+    raise ConfigError("config.exact_metrics: is only supported for "
+                      "unconditional tasks (config.prompts empty).")
+  size = enumeration.support_size(model.vocab_size, max_new_tokens)
+  if size > enumeration.MAX_SUPPORT:
+    raise ConfigError(
+        f"config.exact_metrics: the space has {size} sequences (model.vocab_size"
+        f"={model.vocab_size}, max_new_tokens={max_new_tokens}), more than "
+        f"{enumeration.MAX_SUPPORT}: lower them or set exact_metrics=False.")
+
+
+# --------------------------------------------------------------------------
+# The task: model, target and prompts, built from a RunSpec.
+# --------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -106,196 +235,64 @@ class Task:
   """The pieces of one run, built by :func:`build`.
 
   Attributes:
-    config: the validated config it was built from.
-    model: the language model (``models.base.LanguageModel``), shared by the
-      policy π, the base model a and the proposal q.
+    model: the language model (``models.LanguageModel``), shared by the policy
+      π, the base model a and the proposal q.
     params: the initial policy π_θ0 (a copy of ``base_params``).
     base_params: the base model a(x).
     tokenizer: ``encode``/``decode``/``batch_decode`` and the special ids.
-    target: the EBM (``targets``); a ``ConditionalTarget`` when prompted,
-      with λ fitted for a distributional one.
+    target: the EBM; a ``ConditionalTarget`` when prompted, with λ fitted for
+      a distributional one.
     sampler: the proposal's ``sampling.SamplerConfig``.
-    num_contexts: C, the number of log Ẑ entries (prompts; 1 if none).
-    prompt_texts: the prompts, or () for unconditional generation.
-    prompt_tokens: int32 ``[C, P]``, ``[BOS] + encode(text)`` left-padded with
-      ``tokenizer.pad_id`` (one BOS, ``[1, 1]``, when unconditional).
-    prompt_lengths: int32 ``[C]``.
-    lambda_fit: ``targets.LambdaFit`` of a fitted distributional target, else
-      None.
-    support: ``enumeration.Support`` of every continuation when
-      ``config.exact_metrics`` (toy spaces), else None.
+    prompts: the prompts and the batch rule.
+    lambda_fit: ``targets.LambdaFit`` of a fitted distributional target.
+    support: ``enumeration.Support`` of every continuation for exact metrics.
   """
-
-  config: Any
   model: Any
   params: Any
   base_params: Any
   tokenizer: Any
   target: Any
   sampler: sampling.SamplerConfig
-  num_contexts: int
-  prompt_texts: tuple[str, ...]
-  prompt_tokens: np.ndarray
-  prompt_lengths: np.ndarray
+  prompts: Prompts
   lambda_fit: targets_lib.LambdaFit | None = None
   support: enumeration.Support | None = None
 
   @property
-  def is_conditional(self) -> bool:
-    return bool(self.prompt_texts)
+  def num_contexts(self) -> int:
+    return self.prompts.num_contexts
 
-  @property
-  def exact_prompt(self) -> np.ndarray:
-    """int32 ``[P]``: the prompt of exact metrics (a BOS token)."""
-    return self.prompt_tokens[0, -int(self.prompt_lengths[0]):]
+  def batch(self, step: int, batch_size: int):
+    """The host batch of `step` (``Prompts.batch``)."""
+    return self.prompts.batch(step, batch_size)
 
-  def context_ids(self, step: int, batch_size: int) -> np.ndarray:
-    """int32 ``[batch_size]``: the prompt of each row at ``step``.
-
-    ``config.prompt_sampling``: "cycle" gives row r of step s the prompt
-    (s · batch_size + r) mod C, so every prompt is seen equally often;
-    "random" draws them uniformly with ``np.random.default_rng((seed,
-    step))``. All zeros when unconditional. Deterministic in (seed, step).
-    """
-    c = self.num_contexts
-    if c == 1:
-      return np.zeros((batch_size,), np.int32)
-    if self.config.prompt_sampling == "random":
-      rng = np.random.default_rng((int(self.config.seed), int(step)))
-      return rng.integers(0, c, size=batch_size).astype(np.int32)
-    start = (int(step) * batch_size) % c
-    return ((start + np.arange(batch_size)) % c).astype(np.int32)
-
-  def batch(self, step: int, batch_size: int) -> state_lib.Batch:
-    """The host batch of ``step``: prompts, their lengths and context ids.
-
-    Returns:
-      ``Batch(prompts int32 [B, P], prompt_lengths int32 [B],
-      context_ids int32 [B])`` as NumPy arrays (P is fixed for the run, so
-      the jitted step compiles once).
-    """
-    ids = self.context_ids(step, batch_size)
-    return state_lib.Batch(prompts=self.prompt_tokens[ids],
-                           prompt_lengths=self.prompt_lengths[ids],
-                           context_ids=ids)
-
-  def exact(self, params, base_params=None) -> enumeration.ExactMetrics:
+  def exact(self, params, base_params=None,
+            extra: tuple[divergences.Divergence, ...] = ()
+            ) -> enumeration.ExactMetrics:
     """Exact metrics of π = ``params`` by enumeration (toy spaces).
 
     ``base_params`` defaults to ``self.base_params`` (pass the state's copy
-    when the train step donated the original buffers).
+    when the train step donated the original buffers); ``extra`` divergences
+    are reported beside the standard four (``enumeration.exact_metrics``).
     """
     if self.support is None:
       raise ValueError("Task.exact: the task has no enumerated support; set "
                        "config.exact_metrics=True on a toy space")
+    prompt = self.prompts.tokens[0, -int(self.prompts.lengths[0]):]
     return enumeration.exact_metrics(
         self.model, params,
         self.base_params if base_params is None else base_params,
-        self.target, self.exact_prompt, self.support)
+        self.target, prompt, self.support, extra=extra)
 
 
-# --------------------------------------------------------------------------
-# Model and tokenizer.
-# --------------------------------------------------------------------------
-
-
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def build_tokenizer(config):
-  """The tokenizer named by ``config.tokenizer``."""
-  if config.tokenizer == "byte":
-    return tokenization.ByteTokenizer()
-  if config.tokenizer == "toy":
-    return ToyTokenizer(config.model.vocab_size)
-  return tokenization.HFTokenizer.from_file(
-      f"{config.model.path}/tokenizer.json")
-
-
-def build_model(config) -> tuple[Any, Any, Any]:
-  """``(model, base_params, tokenizer)`` for ``config.model`` (module doc)."""
-  m = config.model
-  dtype = _dtype(m.dtype)
-  if m.kind == "pretrained":
-    from fdiv_jax.lm import pretrain  # pylint: disable=g-import-not-at-top
-    model, params, tokenizer = pretrain.load_pretrained(
-        m.path or config_lib.PRETRAINED_DIR)
-    if model.config.dtype != dtype:
-      model = models.GPT2LM(dataclasses.replace(model.config, dtype=dtype))
-    return model, params, tokenizer
-  if m.kind == "hf":
-    model, params = models.load_hf_checkpoint(m.path, dtype=dtype)
-    return model, params, build_tokenizer(config)
-  if m.kind == "gpt2":
-    model = models.GPT2LM(models.GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.n_positions, n_layer=m.n_layer,
-        n_head=m.n_head, n_embd=m.n_embd, dtype=dtype))
-  else:
-    model = models.LSTMLM(models.LSTMConfig(
-        vocab_size=m.vocab_size, embed_dim=m.n_embd, hidden_size=m.n_embd,
-        num_layers=m.n_layer, dtype=dtype))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
-  return model, params, build_tokenizer(config)
-
-
-def encode_prompts(texts: Sequence[str], tokenizer) -> tuple[np.ndarray,
-                                                             np.ndarray]:
-  """``[BOS] + encode(text)`` per prompt, left-padded (one BOS if no texts).
-
-  Returns:
-    ``(prompt_tokens int32 [C, P], prompt_lengths int32 [C])``.
-  """
-  ids = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
-  return sampling.pad_prompts(ids or [[tokenizer.bos_id]], tokenizer.pad_id)
-
-
-# --------------------------------------------------------------------------
-# Target.
-# --------------------------------------------------------------------------
-
-
-def target_config(config) -> dict[str, Any]:
-  """``config.target`` as a ``targets.from_config`` mapping (unconditional).
-
-  ==============  =====================================================
-  target.kind     mapping
-  ==============  =====================================================
-  pointwise       {"kind": "pointwise", "features": target.features}
-  distributional  {"kind": "distributional", "features": target.features,
-                  "moments": target.moments, "lambdas": target.lambdas
-                  or None}
-  reward          {"kind": "reward", "feature": target.reward,
-                  "beta": target.beta}
-  ==============  =====================================================
-
-  Feature specs are parsed by ``config.parse_feature_spec``.
-  """
-  t = config.target
-  specs = [config_lib.parse_feature_spec(s) for s in t.features]
-  if t.kind == "pointwise":
-    return {"kind": "pointwise", "features": specs}
-  if t.kind == "distributional":
-    return {"kind": "distributional", "features": specs,
-            "moments": [float(m) for m in t.moments],
-            "lambdas": [float(x) for x in t.lambdas] or None}
-  return {"kind": "reward",
-          "feature": config_lib.parse_feature_spec(t.reward),
-          "beta": float(t.beta)}
-
-
-def fit_distributional(target: targets_lib.DistributionalTarget, model,
-                       params, prompt_tokens: np.ndarray,
-                       prompt_lengths: np.ndarray, max_new_tokens: int,
-                       eos_id: int, pad_id: int, num_samples: int,
-                       chunk_size: int, rng: jax.Array
+def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
+                       prompts: Prompts, sampler: sampling.SamplerConfig,
+                       num_samples: int, chunk_size: int, rng: jax.Array
                        ) -> tuple[targets_lib.DistributionalTarget,
                                   targets_lib.LambdaFit]:
   """Fits λ on samples x ~ a(·|c) (GDC: q = a, so log q = log a).
 
-  Draws ``ceil(num_samples / chunk_size)`` chunks of ``chunk_size`` rows
-  (untempered sampler, prompts cycled over the C prompts), then calls
+  Draws ``ceil(num_samples / chunk_size)`` chunks of ``chunk_size`` rows with
+  the untempered ``sampler``, prompts cycled over the C prompts, then calls
   ``target.fit``. With several prompts the moments are pooled over the
   samples of every prompt (one λ shared by all contexts).
 
@@ -304,20 +301,17 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model,
       moment (e.g. the feature never occurs): the message suggests more
       ``target.fit_samples``.
   """
-  sampler = sampling.SamplerConfig(max_new_tokens=max_new_tokens,
-                                   eos_id=eos_id, pad_id=pad_id)
-  draw = sampling.make_sampler(model, sampler)
+  draw = sampling.make_sampler(model, sampler.untempered())
   num_chunks = max(1, math.ceil(num_samples / chunk_size))
-  rows = np.arange(num_chunks * chunk_size) % prompt_tokens.shape[0]
+  rows = np.arange(num_chunks * chunk_size) % prompts.num_contexts
   outs = []
   for i in range(num_chunks):
     ids = rows[i * chunk_size:(i + 1) * chunk_size]
-    out = draw(params, jax.random.fold_in(rng, i), prompt_tokens[ids],
-               prompt_lengths[ids])
+    out = draw(params, jax.random.fold_in(rng, i), prompts.tokens[ids],
+               prompts.lengths[ids])
     outs.append(jax.device_get((out.tokens, out.mask, out.log_q)))
   tokens, mask, log_q = (np.concatenate(x) for x in zip(*outs))
-  context = {"prompts": prompt_tokens[rows], "prompt_lengths":
-             prompt_lengths[rows]}
+  context = {"prompts": prompts.tokens[rows], "prompt_lengths": prompts.lengths[rows]}
   try:
     return target.fit(tokens, mask, log_q, log_q, context)
   except ValueError as e:
@@ -327,59 +321,38 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model,
         "config.target.lambdas.") from e
 
 
-# --------------------------------------------------------------------------
-# Everything.
-# --------------------------------------------------------------------------
+def build(spec: RunSpec) -> Task:
+  """Loads the model and builds the target, λ and support of `spec`.
 
-
-def build(config) -> Task:
-  """Validates ``config`` and builds its :class:`Task` (module docstring).
+  Random inits use the key ``fold_in(PRNGKey(seed), 1)`` and λ fitting
+  ``fold_in(PRNGKey(seed), 2)`` (the train state's RNG is ``PRNGKey(seed)``).
 
   Raises:
-    ConfigError: an invalid field, prompts plus ``max_new_tokens`` longer than
-      the model's positions, or a distributional target whose λ cannot be
-      fitted.
+    ConfigError: a tokenizer with more ids than the model has rows, or a
+      distributional target whose λ cannot be fitted.
   """
-  config_lib.validate(config)
-  model, base_params, tokenizer = build_model(config)
+  model, base_params = spec.model.load(spec.loop.seed)
+  tokenizer = spec.tokenizer
   if tokenizer.vocab_size > model.vocab_size:
     raise ConfigError(
         f"config.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but "
         f"the model only {model.vocab_size} (model.vocab_size).")
-  texts = tuple(config.prompts)
-  prompt_tokens, prompt_lengths = encode_prompts(texts, tokenizer)
-  config_lib.check_positions(config.max_new_tokens, prompt_tokens.shape[1],
-                             model.max_positions)
-
-  target = targets_lib.from_config(target_config(config),
-                                   decode=tokenizer.batch_decode,
-                                   encode=tokenizer.encode)
+  target = spec.target.build(decode=tokenizer.batch_decode, encode=tokenizer.encode)
   lambda_fit = None
-  if (isinstance(target, targets_lib.DistributionalTarget)
-      and target.lambdas is None):
+  if spec.target.fits_lambdas:
+    fit_samples = spec.target.fit_samples
     target, lambda_fit = fit_distributional(
-        target, model, base_params, prompt_tokens, prompt_lengths,
-        config.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-        config.target.fit_samples,
-        min(config.target.fit_samples, config.eval_batch_size),
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-  if texts:
+        target, model, base_params, spec.prompts, spec.sampler, fit_samples,
+        min(fit_samples, spec.loop.eval_batch_size),
+        jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 2))
+  if spec.prompts.is_conditional:
     target = targets_lib.ConditionalTarget(target)
-
-  sampler = sampling.SamplerConfig(
-      max_new_tokens=int(config.max_new_tokens),
-      temperature=float(config.temperature), top_k=int(config.top_k),
-      top_p=float(config.top_p), eos_id=tokenizer.eos_id,
-      pad_id=tokenizer.pad_id)
   support = None
-  if config.exact_metrics:
+  if spec.exact_metrics:
     support = enumeration.all_continuations(
-        model.vocab_size, config.max_new_tokens, tokenizer.eos_id,
+        model.vocab_size, spec.sampler.max_new_tokens, tokenizer.eos_id,
         tokenizer.pad_id)
-  return Task(
-      config=config, model=model,
-      params=jax.tree.map(jnp.array, base_params), base_params=base_params,
-      tokenizer=tokenizer, target=target, sampler=sampler,
-      num_contexts=len(texts) or 1, prompt_texts=texts,
-      prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
-      lambda_fit=lambda_fit, support=support)
+  return Task(model=model, params=jax.tree.map(jnp.array, base_params),
+              base_params=base_params, tokenizer=tokenizer, target=target,
+              sampler=spec.sampler, prompts=spec.prompts, lambda_fit=lambda_fit,
+              support=support)

@@ -1,6 +1,6 @@
 """The host loop around the jitted f-DPG step.
 
-`train(config, task, workdir)`:
+`train(task, workdir, loop=..., step=..., optimizer=...)`:
 
   1. builds the mesh, the initial `FDPGState` and its shardings;
   2. resumes from the latest checkpoint in `workdir/checkpoints` when there is
@@ -16,26 +16,72 @@
 
 `task` is any object with `model`, `params`, `base_params`, `target`,
 `sampler`, `num_contexts` and `batch(step, batch_size) -> Batch` (see
-`fdiv_jax.run.tasks.Task`).
+`fdiv_jax.run.tasks.Task`). Everything here takes typed objects; nothing reads a
+config file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from fdiv_jax.train import checkpoint as checkpoint_lib
+from fdiv_jax.train import eval_step as eval_step_lib
+from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib
 from fdiv_jax.train import step as step_lib
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-EvalCallback = Callable[[int, dict[str, float], Any], None]
+EvalCallback = Callable[[int, dict[str, float], eval_step_lib.EvalSamples, Any],
+                        None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How long to train, how big the batches, and how often to report.
+
+  Attributes:
+    num_steps: train steps in all (a resumed run continues to this step).
+    batch_size: samples per step, B.
+    seed: seeds the training RNG (`jax.random.PRNGKey(seed)`) and evaluation.
+    eval_every: steps between evaluations on fresh samples of π.
+    eval_batch_size: samples per evaluation.
+    log_every: steps between training-metric reports.
+    checkpoint_every: steps between checkpoints.
+    keep_checkpoints: checkpoints kept on disk.
+    mesh_data: devices on the "data" axis; -1 = every device not used by fsdp.
+    mesh_fsdp: devices on the "fsdp" axis (parameters split along it).
+  """
+  num_steps: int
+  batch_size: int
+  seed: int = 0
+  eval_every: int = 50
+  eval_batch_size: int = 128
+  log_every: int = 10
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+
+  def __post_init__(self):
+    for name in ("num_steps", "batch_size", "eval_every", "eval_batch_size",
+                 "log_every", "checkpoint_every", "keep_checkpoints"):
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
+          value < 1):
+        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
+    if (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)
+        or self.seed < 0):
+      raise ValueError(f"seed: must be an integer >= 0, got {self.seed!r}.")
+    # The sizes alone (the device count is checked when the mesh is built).
+    sharding.mesh_shape(self.mesh_data, self.mesh_fsdp,
+                        max(self.mesh_data, 1) * self.mesh_fsdp)
 
 
 @dataclasses.dataclass
@@ -62,36 +108,43 @@ def eval_rng(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed + 1_000_003), step)
 
 
-def initial_state(config, task, mesh) -> state_lib.FDPGState:
-  state = state_lib.create_state(config, task.model, task.params, task.base_params,
-                                 num_contexts=task.num_contexts)
+def initial_state(task, mesh, *, loop: LoopConfig, step: step_lib.StepConfig,
+                  optimizer: optimizer_lib.OptimizerConfig) -> state_lib.FDPGState:
+  """The step-0 state of `task` on `mesh` (policy = the task's initial params)."""
+  state = state_lib.create_state(task.model, task.params, step_config=step,
+                                 optimizer=optimizer, base_params=task.base_params,
+                                 num_contexts=task.num_contexts, seed=loop.seed)
   return sharding.shard_state(state, mesh)
 
 
-def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = None,
+def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
+          optimizer: optimizer_lib.OptimizerConfig,
+          on_metrics: MetricsCallback | None = None,
           on_eval: EvalCallback | None = None,
           on_step: Callable[[int], None] | None = None,
           num_steps: int | None = None) -> TrainResult:
-  """Trains `task` per `config`, checkpointing under `workdir` (see module doc).
+  """Trains `task`, checkpointing under `workdir` (see the module docstring).
 
   Args:
-    config: the validated run config.
     task: the run's pieces (model, params, target, sampler, batches).
     workdir: the run directory; checkpoints go to `workdir/checkpoints`.
+    loop: steps, batch sizes, report intervals, seed, mesh.
+    step: the update rule.
+    optimizer: the optimiser's settings.
     on_metrics: called with (step, host metrics) every `log_every` steps.
-    on_eval: called with (step, host eval metrics, state) at step 0 of a fresh
-      run, every `eval_every` steps and at the end (the state lets it draw
-      extra samples, e.g. for diversity metrics).
+    on_eval: called with (step, host eval metrics, samples, state) at step 0 of
+      a fresh run, every `eval_every` steps and at the end; `samples` are the
+      evaluation's own samples (`EvalSamples`, on the host).
     on_step: called with the completed step number after every step (cheap; for
       progress bars).
-    num_steps: stop after this global step (default `config.num_steps`).
+    num_steps: stop after this global step (default `loop.num_steps`).
   """
-  num_steps = int(config.num_steps if num_steps is None else num_steps)
-  mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
-  state = initial_state(config, task, mesh)
+  num_steps = loop.num_steps if num_steps is None else int(num_steps)
+  mesh = sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
+  state = initial_state(task, mesh, loop=loop, step=step, optimizer=optimizer)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
-      keep=config.keep_checkpoints)
+      os.path.join(workdir, "checkpoints"), save_every=loop.checkpoint_every,
+      keep=loop.keep_checkpoints)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore(checkpoint_lib.abstract_like(state))
@@ -102,59 +155,60 @@ def train(config, task, workdir: str, *, on_metrics: MetricsCallback | None = No
   start = int(jax.device_get(state.step))
 
   step_fn = sharding.jit_train_step(
-      step_lib.make_train_step(config, task.model, task.target, task.sampler),
+      step_lib.make_train_step(step, task.model, task.target, task.sampler),
       state, mesh)
   eval_fn = sharding.jit_eval_step(
-      step_lib.make_eval_step(config, task.model, task.target, task.sampler,
-                              use_ema=config.ema_decay > 0), state, mesh)
+      eval_step_lib.make_eval_step(step, task.model, task.target,
+                                   task.sampler.untempered()), state, mesh)
 
-  def evaluate(step: int, state) -> dict[str, float]:
-    batch = sharding.shard_batch(task.batch(step, config.eval_batch_size), mesh)
-    metrics = to_host(eval_fn(state, batch, eval_rng(config.seed, step)))
+  def evaluate(at: int, state) -> dict[str, float]:
+    batch = sharding.shard_batch(task.batch(at, loop.eval_batch_size), mesh)
+    metrics, samples = jax.device_get(eval_fn(state, batch, eval_rng(loop.seed, at)))
+    metrics = {k: float(v) for k, v in metrics.items()}
     if on_eval is not None:
-      on_eval(step, metrics, state)
+      on_eval(at, metrics, samples, state)
     return metrics
 
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   preempted = False
-  step = start
+  current = start
   compile_seconds = 0.0
   timed_steps, timed_seconds = 0, 0.0
   with checkpoint_lib.PreemptionGuard() as guard:
     if start == 0 and on_eval is not None:
       last_eval = evaluate(0, state)
-    while step < num_steps:
-      batch = sharding.shard_batch(task.batch(step, config.batch_size), mesh)
+    while current < num_steps:
+      batch = sharding.shard_batch(task.batch(current, loop.batch_size), mesh)
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch)
-      step += 1
-      if step == start + 1:
+      current += 1
+      if current == start + 1:
         jax.block_until_ready(state.step)
         compile_seconds = time.perf_counter() - t0
       else:
         timed_steps += 1
         timed_seconds += time.perf_counter() - t0
-      if step > start + 1:
+      if current > start + 1:
         # Dispatch is asynchronous: wait for the step so that its time, and not
         # that of the evaluation or checkpoint below, is what gets counted.
         t1 = time.perf_counter()
         jax.block_until_ready(state.step)
         timed_seconds += time.perf_counter() - t1
-      if step % config.log_every == 0 or step == num_steps:
+      if current % loop.log_every == 0 or current == num_steps:
         last_metrics = to_host(metrics)
         if on_metrics is not None:
-          on_metrics(step, last_metrics)
-      if step % config.eval_every == 0 or step == num_steps:
-        last_eval = evaluate(step, state)
-      checkpointer.save(step, state)
+          on_metrics(current, last_metrics)
+      if current % loop.eval_every == 0 or current == num_steps:
+        last_eval = evaluate(current, state)
+      checkpointer.save(current, state)
       if on_step is not None:
-        on_step(step)
+        on_step(current)
       if guard.requested:
         preempted = True
         break
-    checkpointer.save(step, state, force=True)
+    checkpointer.save(current, state, force=True)
   checkpointer.close()
-  rate = (timed_steps * config.batch_size / timed_seconds) if timed_seconds else 0.0
-  return TrainResult(state, step, resumed_from, preempted, guard.signal_name,
+  rate = (timed_steps * loop.batch_size / timed_seconds) if timed_seconds else 0.0
+  return TrainResult(state, current, resumed_from, preempted, guard.signal_name,
                      last_metrics, last_eval, rate, compile_seconds)

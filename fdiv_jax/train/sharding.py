@@ -48,18 +48,37 @@ def maybe_initialize_distributed() -> bool:
   return False
 
 
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """The (data, fsdp) sizes of the mesh over `num_devices` devices.
+
+  `data = -1` takes every device not used by fsdp.
+
+  Raises:
+    ValueError: a size below 1, or more devices than there are; the message
+      starts with the parameter at fault ("mesh_data: ..." or "mesh_fsdp: ...")
+      and names the devices available.
+  """
+  if not isinstance(fsdp, int) or isinstance(fsdp, bool) or fsdp < 1:
+    raise ValueError(f"mesh_fsdp: must be an integer >= 1, got {fsdp!r}.")
+  if not isinstance(data, int) or isinstance(data, bool) or not (
+      data == -1 or data >= 1):
+    raise ValueError(f"mesh_data: must be an integer >= 1, or -1 for every "
+                     f"device not used by mesh_fsdp; got {data!r}.")
+  if data == -1:
+    if num_devices % fsdp:
+      raise ValueError(f"mesh_fsdp: {fsdp} does not divide the {num_devices} "
+                       f"available device(s).")
+    data = num_devices // fsdp
+  if data * fsdp > num_devices:
+    raise ValueError(f"mesh_data: mesh_data={data} x mesh_fsdp={fsdp} needs "
+                     f"{data * fsdp} devices; {num_devices} available.")
+  return data, fsdp
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   """A ("data", "fsdp") mesh; data = -1 takes every device not used by fsdp."""
   devices = list(jax.devices() if devices is None else devices)
-  if fsdp < 1:
-    raise ValueError(f"mesh_fsdp must be >= 1, got {fsdp}.")
-  if data == -1:
-    if len(devices) % fsdp:
-      raise ValueError(f"mesh_fsdp={fsdp} does not divide the {len(devices)} devices.")
-    data = len(devices) // fsdp
-  if data < 1 or data * fsdp > len(devices):
-    raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} needs {data * fsdp} "
-                     f"devices; {len(devices)} available.")
+  data, fsdp = mesh_shape(data, fsdp, len(devices))
   grid = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
   return Mesh(grid, (DATA, FSDP))
 
@@ -112,6 +131,8 @@ def jit_train_step(step_fn, state: Any, mesh: Mesh):
 
 
 def jit_eval_step(eval_fn, state: Any, mesh: Mesh):
+  """`jax.jit` of `eval_step(state, batch, rng) -> (metrics, samples)`; the
+  outputs are replicated, so every host can read all of them."""
   state_sharding = state_shardings(state, mesh)
   replicated = NamedSharding(mesh, P())
   return jax.jit(eval_fn, in_shardings=(state_sharding, batch_sharding(mesh),

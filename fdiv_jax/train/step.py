@@ -1,31 +1,29 @@
 """One f-DPG train step: sample, score, estimate Ẑ, policy-gradient update.
 
-`make_train_step(config, model, target)` returns a pure function
+`make_train_step(config, model, target, sampler)` returns a pure function
 
     step(state: FDPGState, batch: Batch) -> (state, metrics)
 
-that a caller compiles once with `jax.jit` (see `fdiv_jax.train.sharding`):
+that a caller compiles once with `jax.jit` (see `fdiv_jax.train.sharding`). It
+reads top to bottom in the order of the paper, each quantity computed once:
 
-  1. draw B continuations x ~ q(·|prompt) with the KV-cache sampler, which also
-     returns the exact log q(x) of what it sampled (q = π_θ online; the separate
-     proposal of offline DPG otherwise);
-  2. score log π_θ(x) (differentiably) and log a(x) under the frozen base model,
-     and log P(x) = `target.log_prob(x, log a(x))`. Online without temperature
-     or truncation q = π, so log π(x) is the sampler's log q and scoring π
-     only computes its gradient (`scoring.sequence_log_probs` with
-     `known_token_log_probs`);
-  3. fold the batch into the running log Ẑ (`estimators.update_partition`, one
-     per context), and compute the pseudo-reward baseline;
-  4. minimise `losses.fdpg_loss` for the configured divergence with optax
-     (clipping, schedule, accumulation, non-finite updates skipped);
-  5. offline: replace q by π when π's estimated divergence to the target, averaged
-     over a window of steps, is lower than q's;
-  6. report metrics: loss, log Ẑ, ESS, the four divergences to the target,
-     KL(π‖a), alignment and feature moments under π, pseudo-reward and advantage
-     statistics, gradient norm, skipped updates.
-
-All importance-sampled metrics use the same samples: E_π[·] is estimated with the
-self-normalised weights π/q (exactly 1 on-policy).
+  1. x ~ q(·|prompt) with its exact log q (q = π_θ online; the separate
+     proposal of offline DPG otherwise), log a(x) and log P(x);
+  2. the running log Ẑ, one per context (`estimators.update_partition`);
+  3. log π_θ(x) and the pullback of its gradient (`jax.vjp`). Online without
+     temperature or truncation q = π, so log π(x) is the sampler's log q and
+     only its gradient is computed;
+  4. ℓ = log π − log P + log Ẑ → pseudo-reward R = −f'(e^ℓ) → importance
+     weight w = π/q → baseline b → advantage A = R − b;
+  5. the surrogate mean_i −w_i A_i log π(x_i), whose gradient in log π is pulled
+     back to the parameters: an unbiased estimate of +∇D_f(π‖p);
+  6. the optax update (clipping, schedule, accumulation, non-finite updates
+     skipped), the baseline and EMA updates, and offline the proposal update
+     (q ← π when π's estimated divergence to the target, averaged over a window
+     of steps, is lower than q's);
+  7. metrics: loss, log Ẑ, ESS, the four divergences to the target and the
+     trained one, KL(π‖a), alignment and moments under π, pseudo-reward and
+     advantage statistics, gradient norm, clipped samples, skipped updates.
 
 References: Go et al., ICML 2023 (f-DPG); Khalifa et al., ICLR 2021 (DPG/GDC,
 offline proposal updates); Korbak et al., ICML 2022 (per-context Z, CDPG).
@@ -33,234 +31,203 @@ offline proposal updates); Korbak et al., ICML 2022 (per-context Z, CDPG).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fdiv_jax.run import config as config_lib
-from fdiv_jax.core import divergences, estimators, losses
+from fdiv_jax.core import baselines, divergences, estimators, losses
 from fdiv_jax.lm import sampling, scoring
+from fdiv_jax.train import optimizer as optimizer_lib
+from fdiv_jax.train import rollout
 from fdiv_jax.train import state as state_lib
 
 Array = jax.Array
 Metrics = dict[str, Array]
-
-def divergence_from_config(config) -> divergences.Divergence:
-  if config.divergence == "alpha":
-    return divergences.get("alpha", alpha=config.alpha)
-  return divergences.get(config.divergence)
+MODES = ("online", "offline")
+PROPOSAL_METRICS = ("forward_kl", "reverse_kl", "tv", "js")
 
 
-def sampler_from_config(config, eos_id: int | None, pad_id: int) -> sampling.SamplerConfig:
-  """The proposal's sampler: `max_new_tokens` and its temperature/top-k/top-p."""
-  return sampling.SamplerConfig(
-      max_new_tokens=int(config.max_new_tokens), temperature=float(config.temperature),
-      top_k=int(config.top_k), top_p=float(config.top_p), eos_id=eos_id, pad_id=pad_id)
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """How one step updates the policy (static: closed over by `jit`).
 
+  Attributes:
+    divergence: the f of D_f(π‖p) to minimise (a `Divergence` or a name that
+      `divergences.get` accepts).
+    baseline: the pseudo-reward baseline (`baselines.Baseline`).
+    mode: "online" (q = π) or "offline" (DPG: a separate proposal q, replaced
+      by π when π is closer to the target).
+    ema_decay: Polyak averaging of the policy, in [0, 1) (0 = off).
+    log_ratio_clip: the bound c on |ℓ| of `losses.clip_log_ratio`; None for
+      the dtype default.
+    proposal_update_metric: offline: the divergence on which q and π are
+      compared, one of `PROPOSAL_METRICS`.
+    proposal_update_window: offline: steps averaged in that comparison, >= 1.
+    reuse_sampler_log_probs: online and unwarped (q = π exactly), take log π
+      from the sampler and compute only its gradient (one vocabulary pass
+      fewer). Turn it off with bfloat16 activations, where a cached decode and
+      a full forward differ by more than float32 rounding.
+  """
+  divergence: divergences.Divergence
+  baseline: baselines.Baseline = baselines.Baseline()
+  mode: str = "online"
+  ema_decay: float = 0.0
+  log_ratio_clip: float | None = None
+  proposal_update_metric: str = "tv"
+  proposal_update_window: int = 5
+  reuse_sampler_log_probs: bool = True
 
-class Scored(NamedTuple):
-  """Samples from q and their log-probabilities, all [B] unless noted."""
-  tokens: Array        # int32 [B, N]
-  mask: Array          # bool [B, N]
-  token_log_q: Array   # float32 [B, N]: log q of each token (0 off the mask)
-  log_q: Array         # log q(x) of the warped proposal that drew x
-  log_base: Array      # log a(x)
-  log_target: Array    # log P(x)
-  lengths: Array       # int32 [B]
+  def __post_init__(self):
+    object.__setattr__(self, "divergence", divergences.get(self.divergence))
+    if not isinstance(self.baseline, baselines.Baseline):
+      raise TypeError(f"baseline: must be a baselines.Baseline, got "
+                      f"{self.baseline!r}.")
+    if self.mode not in MODES:
+      raise ValueError(f"mode: must be one of {', '.join(MODES)}; got "
+                       f"{self.mode!r}.")
+    if not (isinstance(self.ema_decay, numbers.Real)
+            and 0.0 <= self.ema_decay < 1.0):
+      raise ValueError(f"ema_decay: must be in [0, 1) (0 = off), got "
+                       f"{self.ema_decay!r}.")
+    clip = self.log_ratio_clip
+    if clip is not None and not (isinstance(clip, numbers.Real)
+                                 and 0 < clip < float("inf")):
+      raise ValueError(f"log_ratio_clip: must be a finite number > 0, or None "
+                       f"for the dtype default; got {clip!r}.")
+    if self.proposal_update_metric not in PROPOSAL_METRICS:
+      raise ValueError(f"proposal_update_metric: must be one of "
+                       f"{', '.join(PROPOSAL_METRICS)}; got "
+                       f"{self.proposal_update_metric!r}.")
+    window = self.proposal_update_window
+    if (not isinstance(window, numbers.Integral) or isinstance(window, bool)
+        or window < 1):
+      raise ValueError(f"proposal_update_window: must be an integer >= 1, got "
+                       f"{window!r}.")
+    if not isinstance(self.reuse_sampler_log_probs, bool):
+      raise ValueError(f"reuse_sampler_log_probs: must be True or False, got "
+                       f"{self.reuse_sampler_log_probs!r}.")
 
-
-def _context(batch: state_lib.Batch) -> dict[str, Array]:
-  return {"prompts": batch.prompts, "prompt_lengths": batch.prompt_lengths}
-
-
-def draw_and_score(model, target, sampler: sampling.SamplerConfig, proposal_params,
-                   base_params, batch: state_lib.Batch, rng: Array) -> Scored:
-  """Steps 1–2 without π: samples from q with log q, log a and log P."""
-  out = sampling.sample(model, proposal_params, rng, batch.prompts,
-                        batch.prompt_lengths, sampler)
-  out = jax.tree.map(jax.lax.stop_gradient, out)
-  _, log_base = scoring.sequence_log_probs(model, base_params, batch.prompts,
-                                           batch.prompt_lengths, out.tokens, out.mask)
-  log_base = jax.lax.stop_gradient(log_base)
-  log_target = target.log_prob(out.tokens, out.mask, log_base, _context(batch))
-  return Scored(out.tokens, out.mask, out.token_log_q, out.log_q, log_base,
-                jax.lax.stop_gradient(log_target), out.lengths)
-
-
-def sample_metrics(target, scored: Scored, log_model: Array, log_z: Array,
-                   batch: state_lib.Batch) -> Metrics:
-  """Metrics of π against the target from samples of q (no gradient)."""
-  log_model = jax.lax.stop_gradient(log_model)
-  args = (log_model, scored.log_target, scored.log_q, log_z)
-  metrics = dict(estimators.divergences_to_target(*args))
-  metrics["kl_from_base"] = estimators.kl_from_base(log_model, scored.log_base,
-                                                    scored.log_q)
-  log_w_pi = log_model - scored.log_q
-  context = _context(batch)
-  alignment = target.alignment(scored.tokens, scored.mask, context)
-  metrics["alignment"] = estimators.self_normalized_moments(alignment, log_w_pi)
-  values = target.feature_values(scored.tokens, scored.mask, context)
-  if values.shape[-1]:
-    moments = estimators.self_normalized_moments(values, log_w_pi)
-    for i, name in enumerate(target.feature_names):
-      metrics[f"moment/{name}"] = moments[i]
-  n = scored.log_q.shape[0]
-  metrics["ess_target"] = estimators.effective_sample_size(
-      scored.log_target - scored.log_q) / n
-  metrics["ess_policy"] = estimators.effective_sample_size(log_w_pi) / n
-  metrics["log_z"] = jnp.mean(log_z)
-  metrics["mean_length"] = jnp.mean(scored.lengths.astype(jnp.float32))
-  metrics["satisfied_fraction"] = jnp.mean(
-      (scored.log_target > -jnp.inf).astype(jnp.float32))
-  return metrics
+  @property
+  def offline(self) -> bool:
+    return self.mode == "offline"
 
 
 def _tree_where(pred: Array, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def make_train_step(config, model, target,
-                    sampler: sampling.SamplerConfig | None = None,
+def make_train_step(config: StepConfig, model, target,
+                    sampler: sampling.SamplerConfig,
                     ) -> Callable[[state_lib.FDPGState, state_lib.Batch],
                                   tuple[state_lib.FDPGState, Metrics]]:
   """Builds the pure train step (see the module docstring).
 
   Args:
-    config: the run config; fields used: `divergence` (and `alpha`), `mode`
-      ("online" | "offline"), `reuse_sampler_log_probs`, `max_new_tokens`,
-      `temperature`, `top_k`, `top_p`,
-      `baseline*`, `log_ratio_clip` (0 = dtype default), `ema_decay`,
-      `proposal_update_metric`, `proposal_update_window`.
+    config: the update rule (`StepConfig`).
     model: the Flax language model shared by π, a and q.
     target: a `fdiv_jax.targets` target (log_prob, alignment, feature_values).
-    sampler: the proposal's `SamplerConfig`; by default from the config, with
-      `config.eos_id` / `config.pad_id`.
+    sampler: the proposal's `SamplerConfig` (its eos/pad ids, warping).
 
   Returns:
     `step(state, batch) -> (state, metrics)`, pure and jittable.
   """
-  divergence = divergence_from_config(config)
-  if sampler is None:
-    sampler = sampler_from_config(config, config.eos_id, config.pad_id)
-  baseline = state_lib.baseline_from_config(config)
-  offline = config.mode == "offline"
+  d = config.divergence
   # The proposal is π itself, unwarped: the sampler's log q is log π.
-  on_policy = (bool(config.reuse_sampler_log_probs) and not offline
+  on_policy = (config.reuse_sampler_log_probs and not config.offline
                and sampler.warping == scoring.Warping())
-  clip = float(config.log_ratio_clip) if config.log_ratio_clip else None
-  ema_decay = float(config.ema_decay)
-  metric_name = config.proposal_update_metric
-  if metric_name not in config_lib.PROPOSAL_METRICS:
-    raise ValueError(f"proposal_update_metric must be one of "
-                     f"{', '.join(config_lib.PROPOSAL_METRICS)}; got {metric_name!r}.")
 
   def step(state: state_lib.FDPGState, batch: state_lib.Batch):
     rng, sample_rng = jax.random.split(state.rng)
-    proposal_params = state.proposal_params if offline else state.params
-    scored = draw_and_score(model, target, sampler, proposal_params,
-                            state.base_params, batch, sample_rng)
-    # A NaN log P (a broken feature) must not poison the running Ẑ for good: it
-    # is left out here, while the loss turns NaN and the update is skipped.
+    # 1. x ~ q, with log q, log a, log P.
+    proposal_params = state.proposal_params if config.offline else state.params
+    x = rollout.draw_and_score(model, target, sampler, proposal_params,
+                               state.base_params, batch, sample_rng)
+    # 2. Ẑ. A NaN log P (a broken feature) is left out of the running estimate,
+    # which it would poison for good; the update below turns NaN and is skipped.
     log_partition = estimators.update_partition(
-        state.log_partition, scored.log_target, scored.log_q, batch.context_ids,
-        mask=~jnp.isnan(scored.log_target))
+        state.log_partition, x.log_target, x.log_q, batch.context_ids,
+        mask=~jnp.isnan(x.log_target))
     log_z = log_partition.log_z[batch.context_ids]
 
-    def loss_fn(params):
-      # On-policy (q = π exactly), the sampler's log q is log π: only its
-      # gradient is computed, and π/q is exactly 1 (rather than 1 up to the
-      # rounding of two forward passes).
-      known = scored.token_log_q if on_policy else None
-      _, log_model = scoring.sequence_log_probs(
-          model, params, batch.prompts, batch.prompt_lengths, scored.tokens,
-          scored.mask, known_token_log_probs=known)
-      fixed = jax.lax.stop_gradient(log_model)
-      # The baseline needs this batch's pseudo-rewards for batch-mean / LOO.
-      _, pre = losses.fdpg_loss(divergence, fixed, scored.log_q, scored.log_target,
-                                log_z, 0.0, log_ratio_clip=clip)
-      b = baseline.value(state.baseline_state, pre["pseudo_reward"],
-                         pre["importance_weight"])
-      loss, aux = losses.fdpg_loss(divergence, log_model, scored.log_q,
-                                   scored.log_target, log_z, b, log_ratio_clip=clip)
-      return loss, (aux, fixed)
+    # 3. log π(x) and its pullback. On-policy the sampler's log q is log π:
+    # only the gradient is computed, and π/q is exactly 1.
+    def log_policy(params):
+      return scoring.sequence_log_probs(
+          model, params, batch.prompts, batch.prompt_lengths, x.tokens, x.mask,
+          known_token_log_probs=x.token_log_q if on_policy else None)[1]
+    log_model, pullback = jax.vjp(log_policy, state.params)
 
-    (loss, (aux, log_model)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    # 4. ℓ → pseudo-reward → importance weight → baseline → advantage.
+    log_t = losses.log_ratio(log_model, x.log_target, log_z)
+    clipped = losses.clip_log_ratio(d, log_t, log_ratio_clip=config.log_ratio_clip)
+    rewards = d.pseudo_reward(clipped)
+    weights = losses.importance_weights(log_model, x.log_q)
+    baseline = config.baseline.value(state.baseline_state, rewards, weights)
+    advantages = rewards - baseline
+
+    # 5. The surrogate, and its gradient pulled back to the parameters.
+    loss, d_log_model = jax.value_and_grad(
+        lambda lm: losses.masked_mean(losses.surrogate(lm, weights, advantages))
+    )(log_model)
+    (grads,) = pullback(d_log_model)
+
+    # 6. Updates: parameters, baseline (finite rewards only: a NaN log P or an
+    # overflowing weight would otherwise reach every later step), EMA, proposal.
     new_state = state.apply_gradients(grads=grads)
-    # Non-finite rewards (a NaN log P, an overflowing weight) stay out of the
-    # baseline, which would otherwise carry them into every later step.
-    baseline_state = baseline.update(
-        state.baseline_state, aux["pseudo_reward"], aux["importance_weight"],
-        mask=jnp.isfinite(aux["pseudo_reward"] * aux["importance_weight"]))
-    updates = dict(rng=rng, log_partition=log_partition, baseline_state=baseline_state)
+    updates = dict(rng=rng, log_partition=log_partition)
+    updates["baseline_state"] = config.baseline.update(
+        state.baseline_state, rewards, weights,
+        mask=jnp.isfinite(rewards * weights))
     if state.ema_params is not None:
+      decay = config.ema_decay
       updates["ema_params"] = jax.tree.map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params,
+          lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params,
           new_state.params)
 
-    metrics = sample_metrics(target, scored, log_model, log_z, batch)
-    if offline:
-      args = (scored.log_target, scored.log_q, log_z)
-      policy_score = estimators.divergence(metric_name, log_model, *args)
-      proposal_score = estimators.divergence(metric_name, scored.log_q, *args)
-      slot = state.step % state.policy_scores.shape[0]
-      policy_scores = state.policy_scores.at[slot].set(policy_score)
-      proposal_scores = state.proposal_scores.at[slot].set(proposal_score)
-      # Means are NaN (so the comparison False) until the window is full.
-      better = jnp.mean(policy_scores) < jnp.mean(proposal_scores)
-      updates["proposal_params"] = _tree_where(better, new_state.params,
-                                               state.proposal_params)
-      reset = jnp.full_like(policy_scores, jnp.nan)
-      updates["policy_scores"] = jnp.where(better, reset, policy_scores)
-      updates["proposal_scores"] = jnp.where(better, reset, proposal_scores)
-      updates["num_proposal_updates"] = state.num_proposal_updates + better
-      metrics["proposal_" + metric_name] = proposal_score
-      metrics["proposal_updates"] = updates["num_proposal_updates"]
+    # 7. Metrics.
+    metrics = rollout.sample_metrics(d, target, x, log_model, log_z, batch)
+    if config.offline:
+      updates.update(_proposal_update(config, state, new_state, x, log_model,
+                                      log_z, metrics))
     new_state = new_state.replace(**updates)
-
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
-        pseudo_reward_mean=jnp.mean(aux["pseudo_reward"]),
-        pseudo_reward_std=jnp.std(aux["pseudo_reward"]),
-        advantage_mean=jnp.mean(aux["advantage"]),
-        advantage_std=jnp.std(aux["advantage"]),
-        importance_weight_mean=aux["mean_importance_weight"],
-        num_clipped=aux["num_clipped"],
-        skipped_updates=state_lib.skipped_updates(new_state.opt_state),
+        pseudo_reward_mean=jnp.mean(rewards),
+        pseudo_reward_std=jnp.std(rewards),
+        advantage_mean=jnp.mean(advantages),
+        advantage_std=jnp.std(advantages),
+        importance_weight_mean=jnp.mean(weights),
+        num_clipped=jnp.sum((clipped != log_t) & ~jnp.isnan(log_t)),
+        skipped_updates=optimizer_lib.skipped_updates(new_state.opt_state),
     )
     return new_state, metrics
 
   return step
 
 
-def make_eval_step(config, model, target, sampler: sampling.SamplerConfig | None = None,
-                   use_ema: bool = False) -> Callable[..., Metrics]:
-  """`eval_step(state, batch, rng) -> metrics` on fresh on-policy samples x ~ π.
-
-  Samples come from the policy itself, untempered (the distribution being
-  evaluated), with log Ẑ from the state merged with these samples' own
-  estimate; with `use_ema` the Polyak-averaged parameters are evaluated.
-  """
-  if sampler is None:
-    sampler = sampler_from_config(config, config.eos_id, config.pad_id)
-  plain = sampling.SamplerConfig(max_new_tokens=sampler.max_new_tokens,
-                                 eos_id=sampler.eos_id, pad_id=sampler.pad_id)
-
-  def eval_step(state: state_lib.FDPGState, batch: state_lib.Batch, rng: Array):
-    params = state.ema_params if use_ema and state.ema_params is not None else (
-        state.params)
-    scored = draw_and_score(model, target, plain, params, state.base_params, batch,
-                            rng)
-    # The fresh samples also estimate Z (unbiasedly, whatever the proposal), so
-    # they are merged into the running estimate for this evaluation only; at
-    # step 0 they are the only estimate there is.
-    log_z = estimators.update_partition(
-        state.log_partition, scored.log_target, scored.log_q, batch.context_ids,
-        mask=~jnp.isnan(scored.log_target)).log_z[batch.context_ids]
-    # On-policy: q = π exactly, so the log q from the sampler is log π.
-    return sample_metrics(target, scored, scored.log_q, log_z, batch)
-
-  return eval_step
+def _proposal_update(config: StepConfig, state, new_state, x: rollout.Scored,
+                     log_model: Array, log_z: Array, metrics: Metrics) -> dict:
+  """Offline DPG: replace q by π when π is closer to the target (windowed)."""
+  name = config.proposal_update_metric
+  args = (x.log_target, x.log_q, log_z)
+  policy_score = estimators.divergence(name, log_model, *args)
+  proposal_score = estimators.divergence(name, x.log_q, *args)
+  slot = state.step % state.policy_scores.shape[0]
+  policy_scores = state.policy_scores.at[slot].set(policy_score)
+  proposal_scores = state.proposal_scores.at[slot].set(proposal_score)
+  # Means are NaN (so the comparison False) until the window is full.
+  better = jnp.mean(policy_scores) < jnp.mean(proposal_scores)
+  reset = jnp.full_like(policy_scores, jnp.nan)
+  updates = dict(
+      proposal_params=_tree_where(better, new_state.params, state.proposal_params),
+      policy_scores=jnp.where(better, reset, policy_scores),
+      proposal_scores=jnp.where(better, reset, proposal_scores),
+      num_proposal_updates=state.num_proposal_updates + better)
+  metrics["proposal_" + name] = proposal_score
+  metrics["proposal_updates"] = updates["num_proposal_updates"]
+  return updates

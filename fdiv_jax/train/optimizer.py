@@ -1,0 +1,120 @@
+"""The optimiser of the policy: AdamW with clipping, a schedule, accumulation.
+
+`OptimizerConfig` is the typed description (validated when constructed);
+`make_optimizer(config)` builds the optax transformation from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import optax
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW settings (all checked at construction).
+
+  Attributes:
+    learning_rate: the peak learning rate, > 0.
+    num_steps: train steps of the run; the schedule spans
+      num_steps // grad_accum_steps optimiser updates.
+    lr_schedule: "constant", "cosine" (to 10% of the peak) or "linear" (to
+      10%), after a linear warm-up of `warmup_steps` updates from 0.
+    warmup_steps: >= 0.
+    adam_b1, adam_b2: Adam's decays, in [0, 1).
+    weight_decay: decoupled weight decay, >= 0.
+    max_grad_norm: global-norm clipping, >= 0 (0 = no clipping).
+    grad_accum_steps: micro-batches (train steps) per update, >= 1.
+  """
+  learning_rate: float = 1e-4
+  num_steps: int = 1
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+  grad_accum_steps: int = 1
+
+  def __post_init__(self):
+    if not (_finite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f"learning_rate: must be a finite number > 0, got "
+                       f"{self.learning_rate!r}.")
+    for name in ("num_steps", "grad_accum_steps"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
+    if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps: must be an integer >= 0, got "
+                       f"{self.warmup_steps!r}.")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}; "
+                       f"got {self.lr_schedule!r}.")
+    for name in ("adam_b1", "adam_b2"):
+      value = getattr(self, name)
+      if not (_finite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name}: must be in [0, 1), got {value!r}.")
+    if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}.")
+    if not (_finite(self.max_grad_norm) and self.max_grad_norm >= 0):
+      raise ValueError(f"max_grad_norm: must be >= 0 (0 = no clipping), got "
+                       f"{self.max_grad_norm!r}.")
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then constant, cosine or linear decay."""
+  peak = config.learning_rate
+  warmup = config.warmup_steps
+  updates = max(config.num_steps // config.grad_accum_steps, 1)
+  decay_steps = max(updates - warmup, 1)
+  if config.lr_schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif config.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=0.1)
+  else:
+    decay = optax.linear_schedule(peak, 0.1 * peak, decay_steps)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, a schedule, accumulation and a finite guard.
+
+  Layers, outermost first:
+    optax.apply_if_finite   a gradient with a NaN/inf is skipped (not applied,
+                            not accumulated) and counted in `total_notfinite`;
+    optax.MultiSteps        accumulates `grad_accum_steps` micro-batch gradients
+                            (one per train step) and updates on the last;
+    clip_by_global_norm → adamw(schedule).
+  """
+  inner = optax.chain(
+      optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0
+      else optax.identity(),
+      optax.adamw(learning_rate_schedule(config), b1=config.adam_b1,
+                  b2=config.adam_b2, eps=1e-8, weight_decay=config.weight_decay),
+  )
+  if config.grad_accum_steps > 1:
+    inner = optax.MultiSteps(inner, every_k_schedule=config.grad_accum_steps)
+  # A large error budget: skipping is reported in the metrics, never fatal here.
+  return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def skipped_updates(opt_state) -> int:
+  """The `total_notfinite` counter of `optax.apply_if_finite` (outermost)."""
+  return opt_state.total_notfinite
