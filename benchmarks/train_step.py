@@ -24,9 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax.targets import features
-from fdiv_jax.lm import models, sampling, scoring
 from fdiv_jax import targets
+from fdiv_jax.lm import models, sampling, scoring
+from fdiv_jax.targets import features
 from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import sharding
 from fdiv_jax.train import state as state_lib

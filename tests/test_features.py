@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax.targets import features
 from fdiv_jax import targets
+from fdiv_jax.targets import features
 
 PAD = 0
 

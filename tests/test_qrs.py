@@ -10,9 +10,9 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from fdiv_jax.targets import features
-from fdiv_jax.core import qrs
 from fdiv_jax import targets
+from fdiv_jax.core import qrs
+from fdiv_jax.targets import features
 
 V, N = 3, 4
 TOKENS = np.array(list(itertools.product(range(V), repeat=N)), np.int32)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdiv_jax import targets
 from fdiv_jax.lm import models
 from fdiv_jax.targets import reward_model as rm
-from fdiv_jax import targets
 
 V, N = 8, 10
 

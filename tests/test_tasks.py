@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiv_jax.run import config as config_lib
+from fdiv_jax import targets
 from fdiv_jax.lm import enumeration
 from fdiv_jax.lm import models
 from fdiv_jax.lm import pretrain
 from fdiv_jax.lm import sampling
-from fdiv_jax import targets
-from fdiv_jax.run import tasks
 from fdiv_jax.lm import tokenization
+from fdiv_jax.run import config as config_lib
+from fdiv_jax.run import tasks
 from fdiv_jax.train import state as state_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(

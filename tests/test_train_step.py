@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import toy_task
-from fdiv_jax.targets import features
-from fdiv_jax.lm import output_layer
 from fdiv_jax import targets
 from fdiv_jax.core import divergences
 from fdiv_jax.lm import enumeration
-from fdiv_jax.train import sharding
+from fdiv_jax.lm import output_layer
+from fdiv_jax.targets import features
 from fdiv_jax.train import eval_step as eval_step_lib
+from fdiv_jax.train import sharding
 from fdiv_jax.train import step as step_lib
 
 

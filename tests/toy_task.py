@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiv_jax.core import baselines
+from fdiv_jax import targets
+from fdiv_jax.core import baselines, divergences
 from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.targets import features
-from fdiv_jax import targets
 from fdiv_jax.train import loop as loop_lib
 from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import state as state_lib
@@ -46,8 +46,8 @@ def toy_config(**overrides: Any) -> ToySettings:
                 checkpoint_every=1000, divergence="js")
   values.update(overrides)
   if "alpha" in values:
-    values["divergence"] = targets_divergence(values.pop("divergence"),
-                                              values.pop("alpha"))
+    values["divergence"] = divergences.get(values.pop("divergence"),
+                                           alpha=values.pop("alpha"))
   pick = lambda cls: {f.name: values[f.name] for f in dataclasses.fields(cls)
                       if f.name in values}
   baseline = baselines.Baseline(**{v: values[k] for k, v in _BASELINE_FIELDS.items()
@@ -67,11 +67,6 @@ def toy_config(**overrides: Any) -> ToySettings:
       sampler=sampling.SamplerConfig(
           max_new_tokens=NEW_TOKENS, eos_id=EOS, pad_id=EOS,
           **{k: values[k] for k in _SAMPLER_FIELDS if k in values}))
-
-
-def targets_divergence(name, alpha):
-  from fdiv_jax.core import divergences  # pylint: disable=g-import-not-at-top
-  return divergences.get(name, alpha=alpha)
 
 
 def toy_target(kind="reward"):

@@ -27,13 +27,12 @@ parameter, ``"<param>: ..."`` (e.g. ``"window: must be an integer >= 1, got
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fdiv_jax.core import _checks
+from fdiv_jax.core import _checks, _values
 
 Array = jax.Array
 KINDS = ("none", "moving_average", "ema", "batch_mean", "leave_one_out")
@@ -90,11 +89,8 @@ class Baseline:
       raise ValueError(f"kind: unknown baseline kind {self.kind!r}; valid kinds: "
                        f"{', '.join(KINDS)}.")
     # Checked whatever the kind: a bad value is a mistake even where unused.
-    if (not isinstance(self.window, numbers.Integral)
-        or isinstance(self.window, bool) or self.window < 1):
-      raise ValueError(f"window: must be an integer >= 1, got {self.window!r}.")
-    if not (isinstance(self.decay, numbers.Real) and 0.0 <= self.decay < 1.0):
-      raise ValueError(f"decay: must be in [0, 1), got {self.decay!r}.")
+    _values.integer("window", self.window, minimum=1)
+    _values.real("decay", self.decay, low=0.0, high=1.0, high_open=True)
 
   def init(self, dtype=jnp.float32) -> Any:
     """The state before any batch (the baseline is 0 until then)."""

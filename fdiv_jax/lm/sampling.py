@@ -28,13 +28,13 @@ row has emitted EOS.
 """
 
 import dataclasses
-import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdiv_jax.core import _values
 from fdiv_jax.lm import scoring
 from fdiv_jax.lm.models import base
 
@@ -61,10 +61,7 @@ class SamplerConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if (not isinstance(self.max_new_tokens, numbers.Integral)
-        or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1):
-      raise ValueError(f"max_new_tokens: must be an integer >= 1, got "
-                       f"{self.max_new_tokens!r}.")
+    _values.integer("max_new_tokens", self.max_new_tokens, minimum=1)
     self.warping  # Validates temperature, top_k and top_p.
 
   @property

@@ -24,12 +24,12 @@ and a rescoring here agree up to float rounding of the two forward passes.
 """
 
 import dataclasses
-import numbers
 from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from fdiv_jax.core import _values
 from fdiv_jax.lm import output_layer
 from fdiv_jax.lm.models import base
 
@@ -50,16 +50,10 @@ class Warping:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not (isinstance(self.temperature, numbers.Real) and 0 < self.temperature
-            < float("inf")):
-      raise ValueError(f"temperature: must be a finite number > 0, got "
-                       f"{self.temperature!r}.")
-    if (not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool)
-        or self.top_k < 0):
-      raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got "
-                       f"{self.top_k!r}.")
-    if not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):
-      raise ValueError(f"top_p: must be in (0, 1] (1 = off), got {self.top_p!r}.")
+    _values.real("temperature", self.temperature, low=0.0, low_open=True)
+    _values.integer("top_k", self.top_k, minimum=0, note=" (0 = off)")
+    _values.real("top_p", self.top_p, low=0.0, high=1.0, low_open=True,
+                 note=" (1 = off)")
 
 
 def as_warping(warping: Any) -> Warping:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fdiv_jax.core import _values
 from fdiv_jax.lm import sampling
 from fdiv_jax.train import state as state_lib
 
@@ -59,9 +60,7 @@ class Prompts:
       if not isinstance(text, str) or not text:
         raise ValueError(f"prompts: entry {i} must be a non-empty string, got "
                          f"{text!r}.")
-    if sampling_rule not in SAMPLING:
-      raise ValueError(f"prompt_sampling: must be one of {', '.join(SAMPLING)}; "
-                       f"got {sampling_rule!r}.")
+    _values.choice("prompt_sampling", sampling_rule, SAMPLING)
     try:
       ids = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
     except ValueError as e:

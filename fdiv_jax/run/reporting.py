@@ -26,7 +26,6 @@ with a meaning here:
 ========================  =================================================
 """
 
-import collections
 from collections.abc import Iterable, Mapping, Sequence
 import json
 import logging
@@ -34,9 +33,8 @@ import math
 import numbers
 import os
 import re
-import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 

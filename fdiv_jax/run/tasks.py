@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdiv_jax import targets as targets_lib
-from fdiv_jax.core import baselines, divergences
+from fdiv_jax.core import _values, baselines, divergences
 from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.run.prompts import Prompts
@@ -176,15 +176,12 @@ def describe(config) -> RunSpec:
                                                    "target.")):
     target = targets_lib.TargetSpec(**c.target.to_dict())
 
-  if not isinstance(c.exact_metrics, bool):
-    raise ConfigError(f"config.exact_metrics: must be True or False, got "
-                      f"{c.exact_metrics!r}.")
+  with _config_errors("exact_metrics", exact_metrics="exact_metrics",
+                      num_samples_md="num_samples_md"):
+    _values.boolean("exact_metrics", c.exact_metrics)
+    _values.integer("num_samples_md", c.num_samples_md, minimum=0)
   if c.exact_metrics:
     _check_exact_metrics(model, prompts, sampler.max_new_tokens)
-  if (not isinstance(c.num_samples_md, int) or isinstance(c.num_samples_md, bool)
-      or c.num_samples_md < 0):
-    raise ConfigError(f"config.num_samples_md: must be an integer >= 0, got "
-                      f"{c.num_samples_md!r}.")
   return RunSpec(loop=loop, step=step, optimizer=optimizer, sampler=sampler,
                  model=model, tokenizer=tokenizer, prompts=prompts, target=target,
                  exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdiv_jax.core import _values
 from fdiv_jax.targets import features as features_lib
 from fdiv_jax.targets import lambdas as lambdas_lib
 from fdiv_jax.targets.energies import (_float_dtype, distributional_log_prob,
@@ -163,10 +164,8 @@ class RewardTarget(_Target):
     if not isinstance(self.reward, Feature):
       raise TypeError(f"reward: expected a features.Feature, got "
                       f"{type(self.reward).__name__}.")
-    beta = _finite(self.beta)
-    if beta is None or beta <= 0.0:
-      raise ValueError(f"beta: must be a finite number > 0, got {self.beta!r}.")
-    object.__setattr__(self, "beta", beta)
+    object.__setattr__(self, "beta", _values.real("beta", self.beta, low=0.0,
+                                                  low_open=True))
 
   @property
   def feature_names(self) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from fdiv_jax.core import _values
 from fdiv_jax.targets import features as features_lib
 from fdiv_jax.targets.ebms import (ConditionalTarget, DistributionalTarget,
                                    PointwiseTarget, ProductTarget, RewardTarget)
@@ -92,11 +93,6 @@ def _as_tuple(value: Any, field: str) -> tuple:
   return tuple(value)
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(
-      value, (bool, np.bool_))
-
-
 def _feature(spec: Any, where: str,
              shared: Mapping[str, Any]) -> features_lib.Feature:
   """``features.from_spec(spec, **shared)``; errors prefixed with ``where``."""
@@ -146,9 +142,7 @@ class TargetSpec:
   fit_samples: int = 2048
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"kind: must be one of {', '.join(KINDS)}; got "
-                       f"{self.kind!r}.")
+    _values.choice("kind", self.kind, KINDS)
     self._set("features", tuple(
         _plain(s) for s in _as_tuple(self.features, "features")))
     self._set("moments", _as_tuple(self.moments, "moments"))
@@ -161,10 +155,8 @@ class TargetSpec:
       self._set("lambdas", target.lambdas or ())
     elif isinstance(target, RewardTarget):
       self._set("beta", target.beta)
-    if self.fits_lambdas and not (_is_int(self.fit_samples)
-                                  and self.fit_samples >= MIN_FIT_SAMPLES):
-      raise ValueError(f"fit_samples: must be an integer >= {MIN_FIT_SAMPLES}, "
-                       f"got {self.fit_samples!r}.")
+    if self.fits_lambdas:
+      _values.integer("fit_samples", self.fit_samples, minimum=MIN_FIT_SAMPLES)
 
   def _set(self, field: str, value: Any) -> None:
     object.__setattr__(self, field, value)

@@ -23,13 +23,13 @@ config file.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import time
 from typing import Any, Callable
 
 import jax
 
+from fdiv_jax.core import _values
 from fdiv_jax.train import checkpoint as checkpoint_lib
 from fdiv_jax.train import eval_step as eval_step_lib
 from fdiv_jax.train import optimizer as optimizer_lib
@@ -72,13 +72,8 @@ class LoopConfig:
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "eval_every", "eval_batch_size",
                  "log_every", "checkpoint_every", "keep_checkpoints"):
-      value = getattr(self, name)
-      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
-          value < 1):
-        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
-    if (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)
-        or self.seed < 0):
-      raise ValueError(f"seed: must be an integer >= 0, got {self.seed!r}.")
+      _values.integer(name, getattr(self, name), minimum=1)
+    _values.integer("seed", self.seed, minimum=0)
     # The sizes alone (the device count is checked when the mesh is built).
     sharding.mesh_shape(self.mesh_data, self.mesh_fsdp,
                         max(self.mesh_data, 1) * self.mesh_fsdp)

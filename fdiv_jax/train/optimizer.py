@@ -7,21 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 
 import optax
 
+from fdiv_jax.core import _values
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +42,16 @@ class OptimizerConfig:
   grad_accum_steps: int = 1
 
   def __post_init__(self):
-    if not (_finite(self.learning_rate) and self.learning_rate > 0):
-      raise ValueError(f"learning_rate: must be a finite number > 0, got "
-                       f"{self.learning_rate!r}.")
-    for name in ("num_steps", "grad_accum_steps"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
-    if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-      raise ValueError(f"warmup_steps: must be an integer >= 0, got "
-                       f"{self.warmup_steps!r}.")
-    if self.lr_schedule not in LR_SCHEDULES:
-      raise ValueError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}; "
-                       f"got {self.lr_schedule!r}.")
+    _values.real("learning_rate", self.learning_rate, low=0.0, low_open=True)
+    _values.integer("num_steps", self.num_steps, minimum=1)
+    _values.integer("grad_accum_steps", self.grad_accum_steps, minimum=1)
+    _values.integer("warmup_steps", self.warmup_steps, minimum=0)
+    _values.choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
     for name in ("adam_b1", "adam_b2"):
-      value = getattr(self, name)
-      if not (_finite(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name}: must be in [0, 1), got {value!r}.")
-    if not (_finite(self.weight_decay) and self.weight_decay >= 0):
-      raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}.")
-    if not (_finite(self.max_grad_norm) and self.max_grad_norm >= 0):
-      raise ValueError(f"max_grad_norm: must be >= 0 (0 = no clipping), got "
-                       f"{self.max_grad_norm!r}.")
+      _values.real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+    _values.real("weight_decay", self.weight_decay, low=0.0)
+    _values.real("max_grad_norm", self.max_grad_norm, low=0.0,
+                 note=" (0 = no clipping)")
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdiv_jax.core import _values
+
 DATA, FSDP = "data", "fsdp"
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
                   "TPU_WORKER_HOSTNAMES")
@@ -58,12 +60,10 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
       starts with the parameter at fault ("mesh_data: ..." or "mesh_fsdp: ...")
       and names the devices available.
   """
-  if not isinstance(fsdp, int) or isinstance(fsdp, bool) or fsdp < 1:
-    raise ValueError(f"mesh_fsdp: must be an integer >= 1, got {fsdp!r}.")
-  if not isinstance(data, int) or isinstance(data, bool) or not (
-      data == -1 or data >= 1):
-    raise ValueError(f"mesh_data: must be an integer >= 1, or -1 for every "
-                     f"device not used by mesh_fsdp; got {data!r}.")
+  _values.integer("mesh_fsdp", fsdp, minimum=1)
+  if data != -1:
+    _values.integer("mesh_data", data, minimum=1,
+                    note=", or -1 for every device not used by mesh_fsdp")
   if data == -1:
     if num_devices % fsdp:
       raise ValueError(f"mesh_fsdp: {fsdp} does not divide the {num_devices} "

@@ -32,14 +32,13 @@ offline proposal updates); Korbak et al., ICML 2022 (per-context Z, CDPG).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fdiv_jax.core import baselines, divergences, estimators, losses
+from fdiv_jax.core import _values, baselines, divergences, estimators, losses
 from fdiv_jax.lm import sampling, scoring
 from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import rollout
@@ -86,30 +85,17 @@ class StepConfig:
     if not isinstance(self.baseline, baselines.Baseline):
       raise TypeError(f"baseline: must be a baselines.Baseline, got "
                       f"{self.baseline!r}.")
-    if self.mode not in MODES:
-      raise ValueError(f"mode: must be one of {', '.join(MODES)}; got "
-                       f"{self.mode!r}.")
-    if not (isinstance(self.ema_decay, numbers.Real)
-            and 0.0 <= self.ema_decay < 1.0):
-      raise ValueError(f"ema_decay: must be in [0, 1) (0 = off), got "
-                       f"{self.ema_decay!r}.")
-    clip = self.log_ratio_clip
-    if clip is not None and not (isinstance(clip, numbers.Real)
-                                 and 0 < clip < float("inf")):
-      raise ValueError(f"log_ratio_clip: must be a finite number > 0, or None "
-                       f"for the dtype default; got {clip!r}.")
-    if self.proposal_update_metric not in PROPOSAL_METRICS:
-      raise ValueError(f"proposal_update_metric: must be one of "
-                       f"{', '.join(PROPOSAL_METRICS)}; got "
-                       f"{self.proposal_update_metric!r}.")
-    window = self.proposal_update_window
-    if (not isinstance(window, numbers.Integral) or isinstance(window, bool)
-        or window < 1):
-      raise ValueError(f"proposal_update_window: must be an integer >= 1, got "
-                       f"{window!r}.")
-    if not isinstance(self.reuse_sampler_log_probs, bool):
-      raise ValueError(f"reuse_sampler_log_probs: must be True or False, got "
-                       f"{self.reuse_sampler_log_probs!r}.")
+    _values.choice("mode", self.mode, MODES)
+    _values.real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True,
+                 note=" (0 = off)")
+    if self.log_ratio_clip is not None:
+      _values.real("log_ratio_clip", self.log_ratio_clip, low=0.0, low_open=True,
+                   note=" (or None for the dtype default)")
+    _values.choice("proposal_update_metric", self.proposal_update_metric,
+                   PROPOSAL_METRICS)
+    _values.integer("proposal_update_window", self.proposal_update_window,
+                    minimum=1)
+    _values.boolean("reuse_sampler_log_probs", self.reuse_sampler_log_probs)
 
   @property
   def offline(self) -> bool:

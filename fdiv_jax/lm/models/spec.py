@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from fdiv_jax.core import _values
 
 KINDS = ("pretrained", "gpt2", "lstm", "hf")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -72,19 +73,12 @@ class ModelSpec:
   dtype: str = "float32"
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"kind: must be one of {', '.join(KINDS)}; got "
-                       f"{self.kind!r}.")
+    _values.choice("kind", self.kind, KINDS)
     if not isinstance(self.path, str):
       raise ValueError(f"path: must be a string, got {self.path!r}.")
     for name in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
-      value = getattr(self, name)
-      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
-          value < 1):
-        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}; got "
-                       f"{self.dtype!r}.")
+      _values.integer(name, getattr(self, name), minimum=1)
+    _values.choice("dtype", self.dtype, tuple(DTYPES))
     if self.kind == "hf":
       if not self.path:
         raise ValueError("path: must name a local Hugging Face model directory "
@@ -127,9 +121,7 @@ class ModelSpec:
         not fit.
     """
     from fdiv_jax.lm import tokenization  # pylint: disable=g-import-not-at-top
-    if name not in TOKENIZERS:
-      raise ValueError(f"tokenizer: must be one of {', '.join(TOKENIZERS)}; got "
-                       f"{name!r}.")
+    _values.choice("tokenizer", name, TOKENIZERS)
     if self.kind == "pretrained" and name != "byte":
       raise ValueError(f"tokenizer: the pretrained demo model is byte-level: use "
                        f"tokenizer='byte' (got {name!r}).")
