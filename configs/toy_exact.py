@@ -4,7 +4,7 @@ Task. A tiny randomly initialised GPT-2 over the toy vocabulary {0 = BOS/EOS/
 pad, 1 = "a", 2 = "b", 3 = "c"} generates at most 3 tokens: 40 possible
 continuations, so Z, every divergence D_f(π‖p), KL(π‖a) and the alignment
 have exact values by enumeration (`config.exact_metrics = True` puts the
-support on the task: `Task.support`, `Task.exact_prompt`,
+support on the task: `Task.support`,
 `Task.exact(params)` → `enumeration.ExactMetrics`). The target is the reward
 EBM p(x) ∝ a(x)·exp(b(x)/β) with b(x) = 1 iff x contains token 1 and
 β = 1/3 (full support, so every divergence is finite); for the pointwise

@@ -5,7 +5,8 @@ The package is layered; each layer imports only the ones above it here:
   core/     divergences, estimators, losses, baselines, qrs   JAX + NumPy only
   lm/       models, tokenization, output_layer, scoring,      + Flax
             sampling, enumeration, pretrain
-  targets/  target EBMs, features, λ fitting, reward model    + the LM layer's types
+  targets/  target EBMs, features, λ fitting, reward model    the core (+ Flax for
+                                                              the reward model)
   train/    f-DPG state, the jitted step, sharding,           + Optax, Orbax
             checkpoints, the host loop (typed objects only)
   run/      config, tasks, evaluation, reporting, metrics     + ml_collections

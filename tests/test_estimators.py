@@ -234,3 +234,13 @@ def test_huge_ratios_give_finite_estimates_for_bounded_terms():
     assert value == pytest.approx(per_sample, rel=1e-5), name
     assert math.isfinite(float(estimators.divergence(name, log_model, log_target,
                                                      log_model, 0.0))), name
+
+
+def test_self_normalized_moments_without_information_are_nan():
+  # Every weight zero (e.g. a target no sample satisfies): no estimate, not 0.
+  phi = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  got = estimators.self_normalized_moments(phi, jnp.array([-jnp.inf, -jnp.inf]))
+  assert np.all(np.isnan(np.asarray(got)))
+  masked = estimators.self_normalized_moments(phi[:, 0], jnp.zeros(2),
+                                              mask=jnp.array([False, False]))
+  assert np.isnan(float(masked))

@@ -1,6 +1,6 @@
 """Importance-sampling estimators: partition function, f-divergences, moments, ESS.
 
-Conventions (DESIGN.md §2). Samples x_i, i = 1..N, are drawn from a proposal q (the
+Conventions (docs/mathematics.md). Samples x_i, i = 1..N, are drawn from a proposal q (the
 policy π itself when on-policy). Per sample the caller passes log-probabilities
 as float arrays of shape [N]:
 
@@ -342,9 +342,11 @@ def self_normalized_moments(values: Array, log_weights: Array,
   values, log_weights = _float(values, log_weights)
   log_weights = _masked(log_weights, mask, -jnp.inf)
   probs = jax.nn.softmax(log_weights)
+  informative = jnp.any(log_weights > -jnp.inf)
   if values.ndim == 2:
     probs = probs[:, None]
-  return jnp.sum(jnp.where(probs > 0, probs * values, 0.0), axis=0)
+  moments = jnp.sum(jnp.where(probs > 0, probs * values, 0.0), axis=0)
+  return jnp.where(informative, moments, jnp.nan)
 
 
 def effective_sample_size(log_weights: Array, mask: Array | None = None) -> Array:

@@ -1,6 +1,6 @@
 """Quasi-rejection sampling (QRS) from an unnormalised target P.
 
-Eikema, Kruszewski, Dance, Aziz and Dymetman, "An approximate sampler for
+Eikema, Kruszewski, Dance, Elsahar and Dymetman, "An approximate sampler for
 energy-based models with divergence diagnostics", TMLR 2022.
 
 Draw x ~ q and accept it with probability min(1, P(x) / (β q(x))). The

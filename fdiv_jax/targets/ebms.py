@@ -1,7 +1,7 @@
 """Target distributions: energy-based models p(x) = P(x) / Z over sequences.
 
 A preference on the outputs of a base model a(x|c) becomes an unnormalised
-target P(x) (DESIGN.md §1):
+target P(x) (docs/mathematics.md):
 
 =================  ======================================  ==================
 kind               log P(x)                                paper
