@@ -121,19 +121,29 @@ def test_ema_params_and_grad_accumulation():
                jax.device_get(state.ema_params), jax.device_get(expected))
 
 
-def test_eval_step_metrics_match_exact_values():
-  config = toy_task.toy_config(eval_batch_size=4096)
-  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+def _evaluate_at_the_exact_log_z(task, config, seed):
+  """One evaluation of π = the initial params with the state's log Ẑ set to
+  the exact log Z (so only sampling error remains); also the exact metrics,
+  the trained divergence included."""
   mesh = sharding.make_mesh()
   state = sharding.shard_state(toy_task.create_state(config, task), mesh)
-  exact = task.exact(task.params)
-  # Give the state the exact log Z so only sampling error remains.
+  exact = enumeration.exact_metrics(task.model, task.params, task.base_params,
+                                    task.target, task.prompt, task.support,
+                                    extra=(config.step.divergence,))
   state = state.replace(log_partition=state.log_partition._replace(
       log_sum_weights=jnp.array([exact.log_z], jnp.float32),
       count=jnp.ones((1,), jnp.float32)))
   eval_fn = jax.jit(eval_step_lib.make_eval_step(config.step, task.model,
                                                  task.target, task.sampler))
-  m, samples = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(3))
+  batch = task.batch(0, config.loop.eval_batch_size)
+  metrics, samples = eval_fn(state, batch, jax.random.PRNGKey(seed))
+  return metrics, samples, exact
+
+
+def test_eval_step_metrics_match_exact_values():
+  config = toy_task.toy_config(eval_batch_size=4096)
+  task = toy_task.ToyTask(config, toy_task.toy_target("reward"))
+  m, samples, exact = _evaluate_at_the_exact_log_z(task, config, 3)
   assert samples.tokens.shape == (4096, toy_task.NEW_TOKENS)
   assert float(m["kl_from_base"]) == pytest.approx(0.0, abs=1e-5)
   assert float(m["alignment"]) == pytest.approx(exact.alignment, abs=0.05)
@@ -203,27 +213,9 @@ def test_the_trained_divergence_is_reported_by_step_and_evaluation(d):
   assert d.metric_name in metrics and np.isfinite(float(metrics[d.metric_name]))
   for name in ("forward_kl", "reverse_kl", "tv", "js"):
     assert name in metrics
-  mesh = sharding.make_mesh()
-  state = sharding.shard_state(toy_task.create_state(config, task), mesh)
-  exact = task.exact(task.params)
-  state = state.replace(log_partition=state.log_partition._replace(
-      log_sum_weights=jnp.array([exact.log_z], jnp.float32),
-      count=jnp.ones((1,), jnp.float32)))
-  eval_fn = jax.jit(eval_step_lib.make_eval_step(config.step, task.model,
-                                                 task.target, task.sampler))
-  m, _ = eval_fn(state, task.batch(0, 4096), jax.random.PRNGKey(5))
-  want = float(divergences.exact(
-      d, enumeration.log_probs(task.model, task.params, task.prompt, task.support),
-      _exact_log_p(task)))
+  m, _, exact = _evaluate_at_the_exact_log_z(task, config, 5)
+  want = exact.divergences[d.metric_name]
   assert float(m[d.metric_name]) == pytest.approx(want, rel=0.05, abs=0.01)
-
-
-def _exact_log_p(task):
-  support = task.support
-  log_a = enumeration.log_probs(task.model, task.base_params, task.prompt, support)
-  log_target = task.target.log_prob(jnp.asarray(support.tokens),
-                                    jnp.asarray(support.mask), log_a)
-  return log_target - jax.scipy.special.logsumexp(log_target)
 
 
 def test_eval_step_refuses_a_warped_sampler():
