@@ -118,11 +118,13 @@ class PartitionState(NamedTuple):
   """Running importance-sampling estimate of log Z, one entry per context.
 
   Attributes:
-    log_sum_weights: [C] log Σ_i P(x_i)/q(x_i) over every sample seen so far.
+    log_sum_weights: [C] log Σ_i w_i, w = P(x_i)/q(x_i), over every sample seen.
     count: [C] number of samples seen so far (a float, like the weights).
+    log_sum_squared_weights: [C] log Σ_i w_i², for the variance of Ẑ.
   """
   log_sum_weights: Array
   count: Array
+  log_sum_squared_weights: Array
 
   @property
   def log_z(self) -> Array:
@@ -131,11 +133,34 @@ class PartitionState(NamedTuple):
                      self.log_sum_weights - jnp.log(jnp.maximum(self.count, 1.0)),
                      -jnp.inf)
 
+  @property
+  def relative_variance(self) -> Array:
+    """[C] Var(Ẑ)/Ẑ² = (n Σw²/(Σw)² − 1)/n, the sample estimate; 0 for a
+    context with fewer than two samples or Ẑ = 0 (nothing to say yet)."""
+    n = jnp.maximum(self.count, 1.0)
+    ratio = jnp.exp(self.log_sum_squared_weights - 2.0 * self.log_sum_weights)
+    value = jnp.maximum(n * ratio - 1.0, 0.0) / n
+    return jnp.where((self.count > 1) & jnp.isfinite(self.log_sum_weights), value,
+                     0.0)
+
 
 def init_partition(num_contexts: int = 1, dtype=jnp.float32) -> PartitionState:
   """An empty running estimate for `num_contexts` contexts (1 if unconditional)."""
-  return PartitionState(jnp.full((num_contexts,), -jnp.inf, dtype),
-                        jnp.zeros((num_contexts,), dtype))
+  empty = jnp.full((num_contexts,), -jnp.inf, dtype)
+  return PartitionState(empty, jnp.zeros((num_contexts,), dtype), empty)
+
+
+def _segment_log_sum_exp(log_values: Array, context_ids: Array, prior: Array) -> Array:
+  """log(exp(prior_c) + Σ_{i: c_i = c} exp(log_values_i)) per context c."""
+  num_contexts = prior.shape[0]
+  batch_max = jax.ops.segment_max(log_values, context_ids, num_segments=num_contexts)
+  shift = jnp.maximum(batch_max, prior)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  batch_sum = jax.ops.segment_sum(jnp.exp(log_values - shift[context_ids]),
+                                  context_ids, num_segments=num_contexts)
+  total = batch_sum + jnp.exp(prior - shift)
+  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift,
+                   -jnp.inf)
 
 
 def update_partition(state: PartitionState, log_target: Array, log_proposal: Array,
@@ -170,18 +195,12 @@ def update_partition(state: PartitionState, log_target: Array, log_proposal: Arr
   num_contexts = state.count.shape[0]
   if context_ids is None:
     context_ids = jnp.zeros(log_w.shape, jnp.int32)
-  # Segment logsumexp: shift by the per-context max of the batch and the state.
-  batch_max = jax.ops.segment_max(log_w, context_ids, num_segments=num_contexts)
-  shift = jnp.maximum(batch_max, state.log_sum_weights)
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-  batch_sum = jax.ops.segment_sum(jnp.exp(log_w - shift[context_ids]), context_ids,
-                                  num_segments=num_contexts)
-  total = batch_sum + jnp.exp(state.log_sum_weights - shift)
-  log_sum = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift,
-                      -jnp.inf)
+  log_sum = _segment_log_sum_exp(log_w, context_ids, state.log_sum_weights)
+  log_sum_sq = _segment_log_sum_exp(2.0 * log_w, context_ids,
+                                    state.log_sum_squared_weights)
   count = state.count + jax.ops.segment_sum(ones, context_ids,
                                             num_segments=num_contexts)
-  return PartitionState(log_sum, count)
+  return PartitionState(log_sum, count, log_sum_sq)
 
 
 def _check_divergence_args(fn: str, log_model, log_target, log_proposal, log_z,
@@ -216,9 +235,27 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
   return _divergence(d, log_model, log_target, log_proposal, log_z, mask)
 
 
+def divergence_terms(d: divergences.Divergence | str, log_model: Array,
+                     log_target: Array, log_proposal: Array,
+                     log_z: Array) -> Array:
+  """The per-sample terms whose mean is `divergence`: [N].
+
+  (p/q)·f(π/p) on the support of p and (π/q)·f'(∞) off it (module `divergence`);
+  their spread gives the estimate's standard error (`fdiv_jax.core.uncertainty`).
+  """
+  _check_divergence_args("divergence_terms", log_model, log_target, log_proposal,
+                         log_z, None)
+  return _terms(divergences.get(d), log_model, log_target, log_proposal, log_z)
+
+
 def _divergence(d, log_model, log_target, log_proposal, log_z, mask) -> Array:
   """`divergence` without the checks (its callers have made them)."""
-  d = divergences.get(d) if isinstance(d, str) else d
+  terms = _terms(divergences.get(d), log_model, log_target, log_proposal, log_z)
+  terms = _masked(terms, mask, 0.0)
+  return jnp.sum(terms, axis=-1) / _count(terms, mask)
+
+
+def _terms(d, log_model, log_target, log_proposal, log_z) -> Array:
   log_model, log_target, log_proposal, log_z = _float(
       log_model, log_target, log_proposal, log_z)
   log_p = log_target - log_z
@@ -237,9 +274,7 @@ def _divergence(d, log_model, log_target, log_proposal, log_z, mask) -> Array:
       jnp.zeros_like(log_model))
   # 0·inf would be NaN where π = 0 exactly; such a point contributes nothing.
   term_off = jnp.where(log_model > -jnp.inf, term_off, 0.0)
-  terms = jnp.where(on_support, term_on, term_off)
-  terms = _masked(terms, mask, 0.0)
-  return jnp.sum(terms, axis=-1) / _count(terms, mask)
+  return jnp.where(on_support, term_on, term_off)
 
 
 def _named(name: str, fn: str, log_model, log_target, log_proposal, log_z,
