@@ -290,13 +290,15 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
 
   Draws ``ceil(num_samples / chunk_size)`` chunks of ``chunk_size`` rows with
   the untempered ``sampler``, prompts cycled over the C prompts, then calls
-  ``target.fit``. With several prompts the moments are pooled over the
-  samples of every prompt (one λ shared by all contexts).
+  ``target.fit``. With several prompts one λ is shared by all contexts and
+  fitted so that the MEAN over contexts of the per-context moments equals
+  μ̄, each context normalised by its own Z_c, as training does
+  (``context_ids`` = the prompt of each sample; ``targets.fit_lambdas``).
 
   Raises:
     ConfigError (``target.moments``): the samples never reach the target
-      moment (e.g. the feature never occurs): the message suggests more
-      ``target.fit_samples``.
+      moments (e.g. the feature never occurs), or a prompt got no samples:
+      the message suggests more ``target.fit_samples``.
   """
   draw = sampling.make_sampler(model, sampler.untempered())
   num_chunks = max(1, math.ceil(num_samples / chunk_size))
@@ -310,7 +312,8 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
   tokens, mask, log_q = (np.concatenate(x) for x in zip(*outs))
   context = {"prompts": prompts.tokens[rows], "prompt_lengths": prompts.lengths[rows]}
   try:
-    return target.fit(tokens, mask, log_q, log_q, context)
+    return target.fit(tokens, mask, log_q, log_q, context, context_ids=rows,
+                      num_contexts=prompts.num_contexts)
   except ValueError as e:
     raise ConfigError(
         f"config.target.moments: λ cannot be fitted on {len(rows)} samples "

@@ -276,20 +276,29 @@ class DistributionalTarget(_Target):
     return dataclasses.replace(self, lambdas=tuple(np.ravel(lambdas)))
 
   def fit(self, tokens: Array, mask: Array, log_base: Array,
-          log_proposal: Array, context: Context = None,
+          log_proposal: Array, context: Context = None, *,
+          context_ids: Array | None = None,
           **kwargs: Any) -> tuple["DistributionalTarget", lambdas_lib.LambdaFit]:
     """Fits λ on samples x ~ q; returns (fitted target, :class:`LambdaFit`).
+
+    With ``context_ids`` one λ is shared by the C contexts and fitted so that
+    the mean over contexts of the per-context moments equals the target
+    moments, each context normalised by its own Z_c (:func:`fit_lambdas`).
 
     Args:
       tokens, mask, context: samples from the proposal q (see module doc).
       log_base: ``[B]``, log a(x|c).
       log_proposal: ``[B]``, log q(x|c) of the same samples (q = a is fine).
-      **kwargs: passed to :func:`fit_lambdas` (``tol``, ``max_iter``, ...).
+      context_ids: optional int ``[B]`` in [0, C), the context (prompt index)
+        of each sample; None: one context.
+      **kwargs: passed to :func:`fit_lambdas` (``num_contexts``, ``tol``,
+        ``max_iter``, ...).
     """
     phi = np.asarray(self.feature_values(tokens, mask, context))
     fit = lambdas_lib.fit_lambdas(phi, log_base, log_proposal, self.moments,
-                      feature_names=self.feature_names,
-                      init=self.lambdas, **kwargs)
+                                  context_ids=context_ids,
+                                  feature_names=self.feature_names,
+                                  init=self.lambdas, **kwargs)
     return self.with_lambdas(fit.lambdas), fit
 
 
