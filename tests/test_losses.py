@@ -51,7 +51,7 @@ def test_gradient_identity_is_exact(d, baseline):
 @pytest.mark.parametrize("d", [d for d in ALL if d.is_bounded], ids=lambda d: str(d))
 def test_gradient_identity_with_violated_hard_constraints(d):
   # For bounded f the exact divergence stays finite where p = 0, and the loss's
-  # clipped pseudo-reward is within e^-177 of the limit −f'(∞) in float64.
+  # pseudo-reward there is exactly the limit −f'(∞) (ℓ stays +inf).
   with jax.enable_x64(True):
     theta, log_p, log_target = setup(11, zeros_in_target=3)
     theta = jnp.asarray(theta)
@@ -73,9 +73,13 @@ def test_violated_constraints_never_give_nan(d, dtype):
     uniform = jnp.full(K, -math.log(K), dtype)
     _, aux = losses.fdpg_loss(d, jax.nn.log_softmax(theta), uniform, log_target, LOG_Z)
     assert int(aux["num_clipped"]) == 4
+    violated = ~np.isfinite(np.asarray(log_target))
+    r = np.asarray(aux["pseudo_reward"])
     if d.f_prime_at_inf == math.inf:  # the penalty is large, finite, and pushes down
-      violated = ~np.isfinite(np.asarray(log_target))
-      assert np.all(np.asarray(aux["pseudo_reward"])[violated] < -10)
+      assert np.all(r[violated] < -10)
+      assert np.all(r[violated] <= r[~violated].min())
+    else:                             # the exact limit
+      assert np.all(r[violated] == dtype(-d.f_prime_at_inf))
 
 
 @pytest.mark.parametrize("d", [divergences.get(n) for n in ("forward_kl", "reverse_kl",
@@ -177,6 +181,9 @@ def test_float32_gradient_close_to_float64():
 def test_default_log_ratio_clip():
   assert losses.default_log_ratio_clip(jnp.float32) == 22
   assert losses.default_log_ratio_clip(jnp.float64) == 177
+  # It is what a violated sample gets under reverse KL (no exponential bound).
+  for dtype, c in ((jnp.float32, 22), (jnp.float64, 177)):
+    assert losses.violated_log_ratio("reverse_kl", dtype) == c
 
 
 def test_a_context_whose_z_is_still_zero_gives_no_nan():

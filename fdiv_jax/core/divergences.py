@@ -20,7 +20,14 @@ overflow come out as ±inf, never NaN). ℓ = ±inf (π = 0 or p = 0) gives the 
 | `hellinger`    | Σ (√π − √p)²         | (√t − 1)²                              | 1 − t^(−1/2)           |
 | `alpha`        | Amari α (α ∉ {0, 1}) | (t^α − αt − (1−α))/(α(α−1))            | (t^(α−1) − 1)/(α−1)    |
 
-m = (π + p)/2; JS is the standard one, bounded by log 2. The f-DPG pseudo-reward is
+m = (π + p)/2; JS is the standard one, bounded by log 2.
+
+How fast |f'(e^ℓ)| grows on each side (`Divergence.growth_rate_at_zero`,
+`growth_rate_at_inf`, with |f'| ≤ c·e^{r|ℓ|}, c = `growth_scale_at_*`; rate 0:
+f' bounded or at most linear in ℓ): forward KL (1, 0), reverse KL (0, 0), TV
+(0, 0), JS (0, 0), Pearson χ² (0, 1), Neyman χ² (2, 0), Hellinger (½, 0), α < 1
+(1 − α, 0), α > 1 (0, α − 1). The pseudo-reward clip of `fdiv_jax.core.losses`
+follows these rates. The f-DPG pseudo-reward is
 R(x) = −f'(t(x)) (Go et al., "Aligning Language Models with Preferences through
 f-divergence Minimization", ICML 2023, arXiv 2302.08215).
 
@@ -52,6 +59,11 @@ class _Spec(NamedTuple):
   f_at_inf: Callable[[float | None], float]        # lim_{t→∞} f(t)
   f_prime_at_zero: Callable[[float | None], float]  # lim_{t→0} f'(t)
   f_prime_at_inf: Callable[[float | None], float]   # lim_{t→∞} f'(t) = lim f(t)/t
+  # How |f'(e^ℓ)| grows as ℓ → −∞ (t → 0) and as ℓ → +∞: (rate r, scale c) with
+  # |f'(e^ℓ)| ≤ c·e^{r|ℓ|} on that side of ℓ = 0 and |f'| ~ c·e^{r|ℓ|} in the
+  # limit; (0, 0) where f' stays bounded or grows at most linearly in ℓ.
+  growth_at_zero: Callable[[float | None], tuple[float, float]]
+  growth_at_inf: Callable[[float | None], tuple[float, float]]
 
 
 def _const(value: float) -> Callable[[float | None], float]:
@@ -106,49 +118,77 @@ def _alpha_f_prime_at_inf(alpha):
   return _INF if alpha > 1 else 1.0 / (1.0 - alpha)
 
 
+_NO_GROWTH = (0.0, 0.0)
+
+
+def _const_growth(rate: float, scale: float):
+  return lambda alpha: (rate, scale)
+
+
+_NONE = _const_growth(*_NO_GROWTH)  # f' bounded, or at most linear in ℓ
+
+
+def _alpha_growth_at_zero(alpha):
+  # f' = (e^{(α−1)ℓ} − 1)/(α−1): |f'| ≤ e^{(1−α)|ℓ|}/(1−α) for ℓ ≤ 0 when α < 1.
+  return (1.0 - alpha, 1.0 / (1.0 - alpha)) if alpha < 1 else _NO_GROWTH
+
+
+def _alpha_growth_at_inf(alpha):
+  # |f'| ≤ e^{(α−1)ℓ}/(α−1) for ℓ ≥ 0 when α > 1.
+  return (alpha - 1.0, 1.0 / (alpha - 1.0)) if alpha > 1 else _NO_GROWTH
+
+
 _SPECS: dict[str, _Spec] = {
     "forward_kl": _Spec(
         f=lambda l, _: -l,
         f_prime=lambda l, _: -jnp.exp(-l),
         f_at_zero=_const(_INF), f_at_inf=_const(-_INF),
-        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.0)),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.0),
+        growth_at_zero=_const_growth(1.0, 1.0), growth_at_inf=_NONE),
     "reverse_kl": _Spec(
         f=lambda l, _: jnp.exp(l) * l,
         f_prime=lambda l, _: l + 1.0,
         f_at_zero=_const(0.0), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(_INF)),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(_INF),
+        growth_at_zero=_NONE, growth_at_inf=_NONE),
     "tv": _Spec(
         f=lambda l, _: 0.5 * jnp.abs(jnp.expm1(l)),
         f_prime=lambda l, _: 0.5 * jnp.sign(l),
         f_at_zero=_const(0.5), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-0.5), f_prime_at_inf=_const(0.5)),
+        f_prime_at_zero=_const(-0.5), f_prime_at_inf=_const(0.5),
+        growth_at_zero=_NONE, growth_at_inf=_NONE),
     "js": _Spec(
         f=_js_f,
         f_prime=lambda l, _: 0.5 * (_LOG2 - jax.nn.softplus(-l)),
         f_at_zero=_const(0.5 * _LOG2), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.5 * _LOG2)),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(0.5 * _LOG2),
+        growth_at_zero=_NONE, growth_at_inf=_NONE),
     "pearson_chi2": _Spec(
         f=lambda l, _: jnp.square(jnp.expm1(l)),
         f_prime=lambda l, _: 2.0 * jnp.expm1(l),
         f_at_zero=_const(1.0), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-2.0), f_prime_at_inf=_const(_INF)),
+        f_prime_at_zero=_const(-2.0), f_prime_at_inf=_const(_INF),
+        growth_at_zero=_NONE, growth_at_inf=_const_growth(1.0, 2.0)),
     "neyman_chi2": _Spec(
         # (t − 1)²/t = t − 2 + 1/t = 4 sinh²(ℓ/2).
         f=lambda l, _: 4.0 * jnp.square(jnp.sinh(0.5 * l)),
         f_prime=lambda l, _: -jnp.expm1(-2.0 * l),
         f_at_zero=_const(_INF), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0)),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0),
+        growth_at_zero=_const_growth(2.0, 1.0), growth_at_inf=_NONE),
     "hellinger": _Spec(
         f=lambda l, _: jnp.square(jnp.expm1(0.5 * l)),
         f_prime=lambda l, _: -jnp.expm1(-0.5 * l),
         f_at_zero=_const(1.0), f_at_inf=_const(_INF),
-        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0)),
+        f_prime_at_zero=_const(-_INF), f_prime_at_inf=_const(1.0),
+        growth_at_zero=_const_growth(0.5, 1.0), growth_at_inf=_NONE),
     "alpha": _Spec(
         f=_alpha_f,
         f_prime=lambda l, alpha: _scaled_expm1((alpha - 1.0) * l, alpha - 1.0),
         f_at_zero=_alpha_f_at_zero, f_at_inf=_const(_INF),
         f_prime_at_zero=_alpha_f_prime_at_zero,
-        f_prime_at_inf=_alpha_f_prime_at_inf),
+        f_prime_at_inf=_alpha_f_prime_at_inf,
+        growth_at_zero=_alpha_growth_at_zero, growth_at_inf=_alpha_growth_at_inf),
 }
 
 # f(t)/t in ℓ, for t > 1: the form to use where π ≫ p, since there p·f(t) =
@@ -254,6 +294,37 @@ class Divergence:
   def f_prime_at_inf(self) -> float:
     """lim_{t→∞} f(t)/t = f'(∞): a point with p = 0 contributes π·f'(∞)."""
     return self._spec.f_prime_at_inf(self.alpha)
+
+  @property
+  def growth_rate_at_zero(self) -> float:
+    """The rate r ≥ 0 at which |f'(t)| grows as t → 0 (ℓ → −∞): e^{r|ℓ|}.
+
+    0 where f' stays bounded or grows at most linearly in ℓ there. Forward KL 1,
+    Neyman χ² 2, Hellinger ½, α < 1: 1 − α; 0 for the others. The pseudo-reward
+    clip (`fdiv_jax.core.losses.log_ratio_bounds`) bounds ℓ from below by it.
+    """
+    return self._spec.growth_at_zero(self.alpha)[0]
+
+  @property
+  def growth_rate_at_inf(self) -> float:
+    """The rate r ≥ 0 at which |f'(t)| grows as t → ∞ (ℓ → +∞): e^{rℓ}.
+
+    0 where f' stays bounded or grows at most linearly in ℓ there (reverse KL's
+    f' = ℓ + 1). Pearson χ² 1, α > 1: α − 1; 0 for the others.
+    """
+    return self._spec.growth_at_inf(self.alpha)[0]
+
+  @property
+  def growth_scale_at_zero(self) -> float:
+    """The c with |f'(e^ℓ)| ≤ c·e^{r|ℓ|} for every ℓ ≤ 0, r = `growth_rate_at_zero`
+    (and |f'| ~ c·e^{r|ℓ|} as ℓ → −∞); 0 where that rate is 0."""
+    return self._spec.growth_at_zero(self.alpha)[1]
+
+  @property
+  def growth_scale_at_inf(self) -> float:
+    """The c with |f'(e^ℓ)| ≤ c·e^{rℓ} for every ℓ ≥ 0, r = `growth_rate_at_inf`
+    (Pearson χ²: 2, α > 1: 1/(α − 1)); 0 where that rate is 0."""
+    return self._spec.growth_at_inf(self.alpha)[1]
 
   @property
   def is_bounded(self) -> bool:

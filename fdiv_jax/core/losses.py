@@ -13,7 +13,7 @@ leaves the expectation unchanged, since E_π[∇ log π] = 0.
 One step, in the order the quantities are computed, x_i ~ q:
 
     ℓ_i = log π(x_i) − log P(x_i) + log Z     `log_ratio`          log t = log π/p
-    R_i = −f'(exp ℓ_i)                        `pseudo_rewards`     (ℓ clipped)
+    R_i = −f'(exp ℓ_i)                        `pseudo_rewards`     (ℓ clipped per f)
     w_i = π(x_i)/q(x_i)                       `importance_weights`
     A_i = R_i − b_i                           (b from `fdiv_jax.core.baselines`)
     s_i = −w_i A_i log π_θ(x_i)               `surrogate`          per example
@@ -39,18 +39,90 @@ Array = jax.Array
 
 
 def default_log_ratio_clip(dtype, d: divergences.Divergence | None = None) -> float:
-  """The default bound on |ℓ| used for pseudo-rewards: every f' stays finite.
+  """The former one-size clip c = floor(log(max float) / (2·max(2, |α − 1|))).
 
-  f'(t) of the named divergences grows at most like e^{2|ℓ|} (Neyman χ² as
-  t → 0), and that of α-divergences like e^{|α−1||ℓ|}; the bound
-  log(max float) / (2·max(2, |α−1|)) keeps the pseudo-rewards and their squares
-  finite: 22 in float32 and 177 in float64 for all but α-divergences with
-  |α − 1| > 2.
+  22 in float32 and 177 in float64 (less for α-divergences with |α − 1| > 2):
+  the largest c for which −f'(e^{±c}) and its square are finite for every
+  divergence at once. It is no longer the default of `clip_log_ratio` (each
+  divergence now has its own bounds, `log_ratio_bounds`). It is still:
+
+  * the finite stand-in ℓ_v that a violated hard constraint (ℓ = +inf) gets
+    under reverse KL, whose f'(∞) = +∞ but f' = ℓ + 1 grows only linearly, so
+    no exponential bound exists to use instead (`violated_log_ratio`: R = −23 in
+    float32, −178 in float64, as before);
+  * a conservative symmetric clip one can pass as `log_ratio_clip=`.
   """
   growth = 2.0
   if d is not None and d.alpha is not None:
     growth = max(growth, abs(d.alpha - 1.0))
   return math.floor(math.log(float(jnp.finfo(dtype).max)) / (2.0 * growth))
+
+
+def log_ratio_bounds(d: divergences.Divergence | str, dtype) -> tuple[float, float]:
+  """(lo, hi): the default clip of ℓ for `d` in `dtype`, one bound per side.
+
+  Each side follows how f' grows there (`Divergence.growth_rate_at_zero`,
+  `growth_rate_at_inf`: |f'(e^ℓ)| ≤ c·e^{r|ℓ|}):
+
+  * rate r > 0 (forward KL, Neyman χ², Hellinger, α < 1 below; Pearson χ², α > 1
+    above): |ℓ| ≤ floor((log(max float) − 2·log max(1, c)) / (2r)), so that R
+    and R² stay finite (the c term lowers it only for Pearson χ², c = 2, and
+    0 < α < 1, c = 1/(1 − α)). E.g. forward KL: lo = −44 in float32, −354 in
+    float64.
+  * rate 0 (f' bounded, or linear in ℓ like reverse KL's ℓ + 1 and JS's
+    ½ softplus(−ℓ)): |ℓ| ≤ floor(sqrt(max float) / 4) (4.6e18 in float32,
+    3.4e153 in float64), which only keeps R² finite. Log-probabilities of real
+    sequences never come near it; on these sides the pseudo-reward is in effect
+    not clipped at all.
+
+  Args:
+    d: a `divergences.Divergence` or its name.
+    dtype: the floating dtype ℓ is computed in.
+
+  Returns:
+    (lo, hi), Python floats with lo < 0 < hi.
+  """
+  d = divergences.get(d)
+  largest = float(jnp.finfo(dtype).max)
+  linear = float(math.floor(math.sqrt(largest) / 4.0))
+
+  def bound(rate: float, scale: float) -> float:
+    if rate <= 0.0:
+      return linear
+    return float(math.floor((math.log(largest) - 2.0 * math.log(max(1.0, scale)))
+                            / (2.0 * rate)))
+
+  return (-bound(d.growth_rate_at_zero, d.growth_scale_at_zero),
+          bound(d.growth_rate_at_inf, d.growth_scale_at_inf))
+
+
+def violated_log_ratio(d: divergences.Divergence | str, dtype) -> float:
+  """The ℓ that a violated hard constraint (log P = −inf, ℓ = +inf) is given.
+
+  * f'(∞) finite (forward KL, TV, JS, Neyman χ², Hellinger, α < 1): +inf, kept
+    as is, so that the pseudo-reward is the exact limit −f'(∞)
+    (`Divergence.pseudo_reward` evaluates it at ℓ = +inf).
+  * f'(∞) = +∞ with exponential growth (Pearson χ², α > 1): the upper bound hi
+    of `log_ratio_bounds`. A satisfying sample is clipped to ℓ ≤ hi too, so a
+    violated sample is never rewarded above a satisfying one.
+  * reverse KL (f'(∞) = +∞, f' = ℓ + 1 linear): the finite stand-in
+    ℓ_v = `default_log_ratio_clip(dtype, d)`, 22 in float32 and 177 in float64
+    (R = −23 and −178). Beware: **a satisfying sample with ℓ > ℓ_v then gets a
+    lower pseudo-reward than a violated one** (in float32, R = −51 at ℓ = 50
+    against −23). A larger ℓ_v would keep the order for more samples but make
+    the penalty of every violated sample as large, which a policy initialised
+    at the base model (with many violations) pays on every step.
+
+  Args:
+    d: a `divergences.Divergence` or its name.
+    dtype: the floating dtype ℓ is computed in.
+  """
+  d = divergences.get(d)
+  if math.isfinite(d.f_prime_at_inf):
+    return math.inf
+  if d.growth_rate_at_inf > 0.0:
+    return log_ratio_bounds(d, dtype)[1]
+  return float(default_log_ratio_clip(dtype, d))
 
 
 def _float_dtype(*arrays) -> Any:
@@ -82,21 +154,62 @@ def log_ratio(log_model: Array, log_target: Array, log_z: Array | float) -> Arra
       log_target == -jnp.inf, jnp.inf, log_model - log_target + log_z))
 
 
-def clip_log_ratio(d: divergences.Divergence, log_t: Array, *,
+def clip_log_ratio(d: divergences.Divergence | str, log_t: Array, *,
                    log_ratio_clip: float | None = None) -> Array:
-  """ℓ clipped to [−c, c] before f' (c: `log_ratio_clip` or the dtype default).
+  """ℓ made safe for f': every pseudo-reward −f'(e^ℓ) and its square are finite.
 
-  Where f'(∞) is finite (forward KL, TV, JS, Neyman χ², Hellinger, α < 1) a
-  violated sample's pseudo-reward is then within e^{−c} of its exact limit
-  −f'(∞); where f'(∞) = +∞ (reverse KL, Pearson χ², α > 1) the exact
-  pseudo-reward is −∞ and the sample gets the large finite −f'(e^c) instead. On
-  the other side, ℓ < −c (π far below p) caps R = −f'(e^{−c}) for the
-  divergences whose f'(0) = −∞.
+  By default (`log_ratio_clip=None`), with (lo, hi) = `log_ratio_bounds(d, dtype)`:
+
+  * finite ℓ is clipped to [lo, hi]. A side is bounded near the float range only
+    where f' grows exponentially (e.g. forward KL below ℓ = −44 in float32);
+    elsewhere the bound is ~10^18 or more and R keeps its exact value, so
+    R = −f'(e^ℓ) stays strictly ordered in ℓ (reverse KL at ℓ = 50 gives −51).
+  * ℓ = +inf (a violated hard constraint) becomes `violated_log_ratio(d,
+    dtype)`: it stays +inf where f'(∞) is finite (the pseudo-reward is then
+    the exact limit −f'(∞)), becomes hi for Pearson χ² and α > 1, and
+    becomes 22 (float32) / 177 (float64) for reverse KL, which then rewards a
+    violated sample above a satisfying one with ℓ > 22 (see
+    `violated_log_ratio`).
+  * ℓ = −inf (π = 0) becomes lo; NaN stays NaN.
+
+  An explicit `log_ratio_clip=c > 0` overrides all of this with the symmetric
+  clip [−c, c] (ℓ = +inf becomes c, −inf becomes −c), as in earlier versions.
+
+  Args:
+    d: a `divergences.Divergence` or its name.
+    log_t: ℓ, any shape (typically [N], from `log_ratio`).
+    log_ratio_clip: None for the per-divergence default, or c > 0.
+
+  Returns:
+    ℓ, clipped, of the shape and floating dtype of `log_t`.
+  """
+  d = divergences.get(d)
+  log_t = jnp.asarray(log_t)
+  if not jnp.issubdtype(log_t.dtype, jnp.floating):
+    log_t = log_t.astype(jnp.float32)
+  if log_ratio_clip is not None:
+    return jnp.clip(log_t, -log_ratio_clip, log_ratio_clip)
+  lo, hi = log_ratio_bounds(d, log_t.dtype)
+  violated = violated_log_ratio(d, log_t.dtype)
+  return jnp.where(log_t == jnp.inf, jnp.asarray(violated, log_t.dtype),
+                   jnp.clip(log_t, lo, hi))
+
+
+def is_clipped(log_t: Array, clipped: Array) -> Array:
+  """Which samples `clip_log_ratio` changed, violated ones (ℓ = +inf) included.
+
+  A violated sample counts even where its ℓ stays +inf (f'(∞) finite): its
+  pseudo-reward is a limit, not a value of f'. NaN never counts.
+
+  Args:
+    log_t: ℓ before `clip_log_ratio`.
+    clipped: ℓ after it, the same shape.
+
+  Returns:
+    bool, the shape of `log_t`.
   """
   log_t = jnp.asarray(log_t)
-  c = (default_log_ratio_clip(log_t.dtype, d) if log_ratio_clip is None
-       else log_ratio_clip)
-  return jnp.clip(log_t, -c, c)
+  return ((clipped != log_t) | (log_t == jnp.inf)) & ~jnp.isnan(log_t)
 
 
 def pseudo_rewards(d: divergences.Divergence | str, log_model: Array,
@@ -113,7 +226,8 @@ def pseudo_rewards(d: divergences.Divergence | str, log_model: Array,
     log_model: [N] log π(x_i).
     log_target: [N] log P(x_i) (−inf allowed: a violated hard constraint).
     log_z: scalar or [N] (per context) log Ẑ.
-    log_ratio_clip: the bound c of `clip_log_ratio`; None for the dtype default.
+    log_ratio_clip: None for the per-divergence bounds of `clip_log_ratio`, or
+      c > 0 for the symmetric clip [−c, c].
 
   Returns:
     [N] pseudo-rewards.
@@ -198,8 +312,9 @@ def fdpg_loss(d: divergences.Divergence | str,
   `surrogate` and `masked_mean`.
 
   Violated hard constraints (log P = −inf, ℓ = +inf) and other extreme ratios: ℓ
-  is clipped (`clip_log_ratio`) before f', so the update is always finite;
-  `aux["num_clipped"]` counts the clipped samples.
+  goes through `clip_log_ratio` before f', so every pseudo-reward is finite;
+  `aux["num_clipped"]` counts the samples it changed, violated ones included
+  (`is_clipped`).
 
   Args:
     d: a `divergences.Divergence` or its name.
@@ -210,13 +325,15 @@ def fdpg_loss(d: divergences.Divergence | str,
     baseline: scalar or [N] baseline b (see `fdiv_jax.core.baselines`); must not
       depend on x_i's own log π to stay unbiased (leave-one-out is fine).
     mask: optional [N] bool, True for real samples (False: padding, ignored).
-    log_ratio_clip: the bound c of `clip_log_ratio`; None for the dtype default.
+    log_ratio_clip: None for the per-divergence bounds of `clip_log_ratio`, or
+      c > 0 for the symmetric clip [−c, c].
 
   Returns:
     (loss, aux): the scalar surrogate and a dict of [N] arrays "log_ratio" (ℓ,
     unclipped), "pseudo_reward", "importance_weight", "advantage", scalars
     "mean_pseudo_reward", "mean_advantage", "mean_importance_weight",
-    "num_clipped".
+    "num_clipped" (samples whose ℓ `clip_log_ratio` changed, violated ones
+    included).
   """
   d = divergences.get(d)
   _checks.samples("fdpg_loss", log_model=log_model, log_proposal=log_proposal,
@@ -240,6 +357,6 @@ def fdpg_loss(d: divergences.Divergence | str,
       "mean_pseudo_reward": masked_mean(rewards, m),
       "mean_advantage": masked_mean(advantages, m),
       "mean_importance_weight": masked_mean(weights, m),
-      "num_clipped": jnp.sum(m & (clipped != ell) & ~jnp.isnan(ell)),
+      "num_clipped": jnp.sum(m & is_clipped(ell, clipped)),
   }
   return loss, aux
