@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from fdiv_jax.core import divergences
 from fdiv_jax.lm import tokenization
 from fdiv_jax.run import evaluation
 from fdiv_jax.run import metrics as metrics_lib
@@ -37,14 +38,16 @@ def test_diversity_and_samples_come_from_the_evaluation_samples(tmp_path):
   task = _Task(("A", "B"))
   texts = ["love is all", "work all day", "love is all", "time flies", "x"]
   samples = _samples(texts, [0, 1, 0, 1, 0], task.tokenizer.eos_id)
-  ev = evaluation.Evaluator(task, str(tmp_path), divergence=None, use_ema=False,
-                            num_samples_md=2)
+  ev = evaluation.Evaluator(task, str(tmp_path), divergence=divergences.get("js"),
+                            use_ema=False, num_samples_md=2, num_samples=10)
   out = ev(0, {"js": 0.25}, samples, state=None)
   assert out["js"] == 0.25
   want = metrics_lib.diversity_report(
       texts, [list(t.encode()) for t in texts])
   for key, value in want.items():
     assert out[key] == value, key
+  # Too few samples to read the divergences: flagged, in the metrics too.
+  assert out["flagged"] == 1.0 and "effective sample size" in ev.last_flags[0]
   # Per prompt, the first two samples in order; the third of prompt 0 is cut.
   assert ev.last_samples == [["love is all", "love is all"],
                              ["work all day", "time flies"]]

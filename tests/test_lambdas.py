@@ -178,9 +178,12 @@ def test_fit_distributional_fits_per_prompt(monkeypatch):
   target = targets.DistributionalTarget(
       (features.contains_tokens(1, name="has1"),), (0.5,))
   config = sampling.SamplerConfig(max_new_tokens=2)
-  _, fit = tasks.fit_distributional(target, None, None, prompts, config,
-                                    20_000, 1_000, jax.random.PRNGKey(0))
+  _, fit, partition = tasks.fit_distributional(
+      target, None, None, prompts, config, 20_000, 1_000, jax.random.PRNGKey(0))
   assert seen == {5: 10_000, 6: 10_000}
+  # The fit's samples seed the trainer's running log Ẑ_c: the same estimate.
+  np.testing.assert_array_equal(partition.count, [10_000, 10_000])
+  np.testing.assert_allclose(partition.log_z, fit.log_partition, rtol=1e-5)
   np.testing.assert_array_equal(fit.context_counts, [10_000, 10_000])
   np.testing.assert_allclose(fit.context_moments[:, 0],
                              [bernoulli_moment(fit.lambdas[0], r) for r in RATES],

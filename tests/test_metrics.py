@@ -122,7 +122,8 @@ class TestBleuRouge:
 def test_diversity_report():
   texts = ["a b a", "a b c"]
   report = metrics.diversity_report(texts)
-  assert set(report) == {"distinct_1", "distinct_2", "distinct_3", "self_bleu"}
+  names = {"distinct_1", "distinct_2", "distinct_3", "self_bleu"}
+  assert set(report) == names | {n + "_se" for n in names}
   assert report["distinct_1"] == 3 / 6
   assert report["distinct_2"] == 3 / 4
   assert report["distinct_3"] == 1.0
@@ -134,4 +135,23 @@ def test_diversity_report():
   assert all(isinstance(v, float) for v in report.values())
   assert metrics.diversity_report([]) == {
       "distinct_1": 0.0, "distinct_2": 0.0, "distinct_3": 0.0,
-      "self_bleu": 0.0}
+      "self_bleu": 0.0, "distinct_1_se": 0.0, "distinct_2_se": 0.0,
+      "distinct_3_se": 0.0, "self_bleu_se": 0.0}
+
+
+def test_diversity_standard_errors_match_the_spread_over_batches():
+  """The bootstrap error of Distinct-n and the error of Self-BLEU from one batch
+  are close to the spread of the figures over independent batches."""
+  rng = np.random.default_rng(3)
+  vocab = [f"w{i}" for i in range(30)]
+  p = 1.0 / np.arange(1, 31)
+  p /= p.sum()
+
+  def batch():
+    return [" ".join(rng.choice(vocab, size=8, p=p)) for _ in range(64)]
+
+  reports = [metrics.diversity_report(batch()) for _ in range(40)]
+  for key in ("distinct_1", "distinct_2", "self_bleu"):
+    spread = np.std([r[key] for r in reports], ddof=1)
+    reported = np.mean([r[key + "_se"] for r in reports])
+    assert 0.5 * spread < reported < 2.0 * spread, (key, spread, reported)

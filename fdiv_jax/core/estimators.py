@@ -146,8 +146,10 @@ class PartitionState(NamedTuple):
 
 def init_partition(num_contexts: int = 1, dtype=jnp.float32) -> PartitionState:
   """An empty running estimate for `num_contexts` contexts (1 if unconditional)."""
-  empty = jnp.full((num_contexts,), -jnp.inf, dtype)
-  return PartitionState(empty, jnp.zeros((num_contexts,), dtype), empty)
+  # Three separate buffers: a train step donates its state, field by field.
+  return PartitionState(jnp.full((num_contexts,), -jnp.inf, dtype),
+                        jnp.zeros((num_contexts,), dtype),
+                        jnp.full((num_contexts,), -jnp.inf, dtype))
 
 
 def _segment_log_sum_exp(log_values: Array, context_ids: Array, prior: Array) -> Array:

@@ -20,7 +20,8 @@ When the mixture is drawn in fixed shares (n samples of π, n of a), pass
 stratified one, Σ_s n_s Var_s / n², which is smaller than the i.i.d. mixture's
 whenever the components' terms differ in mean.
 
-  `expectation`  E_π[φ], self-normalised with weights π/q;
+  `expectation`  E_π[φ], self-normalised with weights π/q (and
+                 `expectation_per_context`);
   `divergence`   D_f(π‖p) with p = P/Ẑ_c, Ẑ_c the running estimate merged
                  with these samples; its error includes that of Ẑ_c.
 
@@ -113,6 +114,21 @@ def _mean_over_present(per_context: Array, variance: Array,
 def expectation(values: Array, log_model: Array, log_proposal: Array, *,
                 context_ids: Array | None = None, num_contexts: int = 1,
                 strata: Array | None = None, num_strata: int = 2) -> Estimate:
+  """E_π[φ] from x_i ~ q, the mean over contexts (see `expectation_per_context`).
+
+  Returns:
+    `Estimate` of shape [] or [K]. NaN for a quantity no sample informs.
+  """
+  mean_c, var_c, counts = _expectation_parts(values, log_model, log_proposal,
+                                             context_ids, num_contexts, strata,
+                                             num_strata)
+  return _mean_over_present(mean_c, var_c, counts)
+
+
+def expectation_per_context(values: Array, log_model: Array, log_proposal: Array,
+                            *, context_ids: Array | None = None,
+                            num_contexts: int = 1, strata: Array | None = None,
+                            num_strata: int = 2) -> Estimate:
   """E_π[φ] from x_i ~ q, self-normalised with w = π/q, with its error.
 
     μ̂_c = Σ_{i∈c} w_i φ_i / Σ_{i∈c} w_i,   se_c² = Σ_{i∈c} w_i² (φ_i − μ̂_c)² / (Σ w)²
@@ -132,8 +148,17 @@ def expectation(values: Array, log_model: Array, log_proposal: Array, *,
     num_strata: S.
 
   Returns:
-    `Estimate` of shape [] or [K]. NaN for a quantity no sample informs.
+    `Estimate` of shape [C] or [C, K]: E_π[φ | c] per context; NaN for a
+    context without samples.
   """
+  mean_c, var_c, _ = _expectation_parts(values, log_model, log_proposal,
+                                        context_ids, num_contexts, strata,
+                                        num_strata)
+  return Estimate(mean_c, jnp.sqrt(var_c))
+
+
+def _expectation_parts(values, log_model, log_proposal, context_ids, num_contexts,
+                       strata, num_strata):
   _checks.samples("expectation", log_model=log_model, log_proposal=log_proposal,
                   context_ids=context_ids, strata=strata)
   _checks.samples_or_features("expectation", "log_model", log_model, values=values)
@@ -156,7 +181,7 @@ def expectation(values: Array, log_model: Array, log_proposal: Array, *,
   informed = wide(total > 0)
   mean_c = jnp.where(informed, mean_c, jnp.nan)
   var_c = jnp.where(informed, var_c, jnp.nan)
-  return _mean_over_present(mean_c, var_c, counts)
+  return mean_c, var_c, counts
 
 
 def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Array,

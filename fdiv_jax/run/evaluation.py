@@ -10,6 +10,16 @@ evaluation comes from the same samples.
 The step-0 evaluation is the base model's (π = a): its metrics and samples are
 kept in the workdir (`base_eval.json`, `base_samples.json`) so that a resumed
 run still has them for the summary and samples.md.
+
+Coverage before confidence: an evaluation whose samples do not cover the target
+is flagged (`coverage_flags`), in the eval line and in summary.json, rather
+than reported as a plain number:
+
+  * an effective sample size of the weights p/q below `MIN_EFFECTIVE_SAMPLES`;
+  * a context where no sample satisfies the target (Ẑ_c = 0);
+  * a distributional feature whose target moment lies outside the range of
+    its values over the samples (the target weights what no sample shows);
+  * a divergence estimate below 0 by more than two standard errors.
 """
 
 from __future__ import annotations
@@ -26,6 +36,41 @@ from fdiv_jax.run import reporting
 BASE_EVAL_FILE = "base_eval.json"
 BASE_SAMPLES_FILE = "base_samples.json"
 MAX_DIVERSITY_SAMPLES = 128   # Self-BLEU is quadratic in the number of samples
+MIN_EFFECTIVE_SAMPLES = 50    # of the weights p/q, for the divergences to be read
+
+
+def coverage_flags(metrics: dict[str, float], num_samples: int,
+                   moment_targets: dict[str, float],
+                   divergence_keys: Sequence[str]) -> list[str]:
+  """Why an evaluation's figures should not be read as plain numbers ([] = none).
+
+  Args:
+    metrics: the evaluation's metrics (`rollout.sample_metrics`).
+    num_samples: N, the samples behind them.
+    moment_targets: the target moment of each distributional feature by name.
+    divergence_keys: the divergence estimates to check for a negative value.
+  """
+  flags = []
+  ess = metrics.get("ess_target", float("nan")) * num_samples
+  if not ess >= MIN_EFFECTIVE_SAMPLES:
+    flags.append(f"low coverage: effective sample size {ess:.0f} of {num_samples} "
+                 f"samples (< {MIN_EFFECTIVE_SAMPLES}) for the weights p/q")
+  if metrics.get("zero_z_contexts", 0) > 0:
+    flags.append(f"no sample satisfies the target in "
+                 f"{metrics['zero_z_contexts']:.0f} context(s): Ẑ = 0 there")
+  for name, goal in moment_targets.items():
+    lo = metrics.get(f"feature_min/{name}")
+    hi = metrics.get(f"feature_max/{name}")
+    if lo is not None and not lo < goal < hi:
+      flags.append(f"feature {name!r}: the target moment {goal:g} is outside the "
+                   f"sampled range [{lo:g}, {hi:g}]: no sample shows what the "
+                   f"target weights")
+  for key in divergence_keys:
+    value, se = metrics.get(key), metrics.get(key + "_se", 0.0)
+    if value is not None and value < -2.0 * se:
+      flags.append(f"{key} = {value:.3g} ± {se:.2g} is below 0 beyond its error: "
+                   f"the samples miss part of the target")
+  return flags
 
 
 def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray
@@ -58,16 +103,25 @@ class Evaluator:
       the standard four.
     use_ema: the evaluated policy is the Polyak average (exact metrics too).
     num_samples_md: samples per prompt kept for samples.md.
+    num_samples: N, the samples of one evaluation (π's and a's).
+    moment_targets: the target moment of each distributional feature.
   """
 
   def __init__(self, task, workdir: str, *, divergence, use_ema: bool,
-               num_samples_md: int):
+               num_samples_md: int, num_samples: int,
+               moment_targets: dict[str, float] | None = None):
     self.task = task
     self.workdir = workdir
     self.divergence = divergence
     self.use_ema = use_ema
     self.per_prompt = max(int(num_samples_md), 1)
+    self.num_samples = num_samples
+    self.moment_targets = dict(moment_targets or {})
+    self.divergence_keys = tuple(dict.fromkeys(
+        ("forward_kl", "reverse_kl", "tv", "js", divergence.metric_name,
+         "kl_from_base")))
     self.last: dict[str, float] = {}
+    self.last_flags: list[str] = []
     self.last_samples: list[list[str]] = []
 
   def __call__(self, step: int, metrics: dict[str, float], samples,
@@ -85,12 +139,16 @@ class Evaluator:
       result.update({"exact/kl_from_base": exact.kl_from_base,
                      "exact/alignment": exact.alignment,
                      "exact/log_z": exact.log_z})
+    self.last_flags = coverage_flags(result, self.num_samples,
+                                     self.moment_targets, self.divergence_keys)
+    result["flagged"] = float(bool(self.last_flags))
     self.last = result
     self.last_samples = by_prompt(texts, samples.context_ids,
                                   self.task.num_contexts, self.per_prompt)
     if step == 0:  # π = a: the base model's figures, kept for the summary
-      self._write(BASE_EVAL_FILE, {k: reporting.to_float(v)
-                                   for k, v in result.items()})
+      self._write(BASE_EVAL_FILE, {**{k: reporting.to_float(v)
+                                      for k, v in result.items()},
+                                   "flags": self.last_flags})
       self._write(BASE_SAMPLES_FILE, self.last_samples)
     return result
 

@@ -68,6 +68,22 @@ def summary_keys(divergence_key: str) -> tuple[str, ...]:
   return (*SUMMARY_KEYS[:i], divergence_key, *SUMMARY_KEYS[i:])
 
 
+def eval_line(step: int, metrics: dict[str, float], keys: tuple[str, ...],
+              moment_targets: dict[str, float], flags: list[str]) -> str:
+  """`eval @ step: alignment=0.78 ± 0.01, js=...` (moments beside their targets
+  for a distributional target), then the coverage flags, if any."""
+  shown = reporting.with_errors(
+      metrics, [k for k in keys[:7] if not (moment_targets and k == "alignment")])
+  for name, goal in moment_targets.items():
+    key = f"moment/{name}"
+    shown[name] = (f"{reporting.format_estimate(metrics.get(key), metrics.get(key + '_se'))}"
+                   f" / {goal:g}")
+  line = f"eval @ {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+  if flags:
+    line += "\n  FLAGGED: " + "; ".join(flags)
+  return line
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`; returns the summary (module docstring).
 
@@ -92,12 +108,18 @@ def run(config, workdir: str) -> dict[str, Any]:
   writer = reporting.MetricWriter(workdir)
   if start:
     writer.truncate_after(start)
+  moment_targets = ({name: float(m) for name, m in zip(task.target.feature_names,
+                                                       spec.target.moments)}
+                    if spec.target.kind == "distributional" else {})
   evaluator = evaluation.Evaluator(task, workdir, divergence=spec.step.divergence,
                                    use_ema=spec.step.ema_decay > 0,
-                                   num_samples_md=spec.num_samples_md)
+                                   num_samples_md=spec.num_samples_md,
+                                   num_samples=spec.loop.eval_batch_size,
+                                   moment_targets=moment_targets)
   bar = progress.ProgressBar(total=spec.loop.num_steps, initial=start,
-                                   samples_per_step=spec.loop.batch_size,
-                                   divergence_key=divergence_key)
+                             samples_per_step=spec.loop.batch_size,
+                             divergence_key=divergence_key,
+                             moment_targets=moment_targets)
   if start:
     bar.write(f"Resuming from the checkpoint at step {start} in {workdir}.")
 
@@ -108,9 +130,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   def on_eval(step, metrics, samples, state):
     metrics = evaluator(step, metrics, samples, state)
     writer.write(step, _prefixed("eval", metrics))
-    shown = [k for k in keys[:7] if k in metrics]
-    bar.write(f"eval @ {step}: " + ", ".join(
-        f"{k}={metrics[k]:.4g}" for k in shown))
+    bar.write(eval_line(step, metrics, keys, moment_targets, evaluator.last_flags))
 
   t0 = time.time()
   try:
@@ -138,7 +158,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary = {**final, "step": result.step, "samples_per_second":
              result.samples_per_second, "compile_seconds": result.compile_seconds,
              "wall_seconds": time.time() - t0, "divergence": divergence_key,
-             "base": base, "config": json.loads(spec.config_json)}
+             "flags": evaluator.last_flags, "base": base,
+             "config": json.loads(spec.config_json)}
   if task.lambda_fit is not None:
     fit = task.lambda_fit
     summary["lambda_fit"] = {"lambdas": list(map(float, fit.lambdas)),
@@ -148,10 +169,17 @@ def run(config, workdir: str) -> dict[str, Any]:
     json.dump(json.loads(json.dumps(summary, default=reporting.to_float)), f,
               indent=2, allow_nan=True)
   shown = [k for k in (*keys, *sorted(k for k in final if k.startswith(
-      ("exact/", "moment/")))) if k in final]
+      ("exact/", "moment/")) and not k.endswith("_se"))) if k in final]
   table = reporting.summary_table({
-      "base model": {k: base.get(k) for k in shown},
-      "trained": {k: final[k] for k in shown}})
+      "base model": reporting.with_errors(base, shown),
+      "trained": reporting.with_errors(final, shown)})
+  if moment_targets:
+    table += "\n" + "\n".join(f"target moment/{k}: {v:g}"
+                              for k, v in moment_targets.items())
+  for label, flags in (("base model", base.get("flags", [])),
+                       ("trained", evaluator.last_flags)):
+    if flags:
+      table += f"\nFLAGGED ({label}): " + "; ".join(flags)
   print(f"\nf-DPG ({d}) finished {result.step} steps in "
         f"{summary['wall_seconds']:.0f} s ({result.samples_per_second:.1f} samples/s "
         f"after a {result.compile_seconds:.1f} s first step).\n{table}\n\n"

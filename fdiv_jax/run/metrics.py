@@ -103,16 +103,23 @@ def self_bleu(texts: Sequence[str], max_hypotheses: int | None = None) -> float:
   Returns:
     A float in [0, 1]; 0.0 when B < 2 (no references).
   """
+  scores = self_bleu_scores(texts, max_hypotheses)
+  return float(np.mean(scores)) if scores.size else 0.0
+
+
+def self_bleu_scores(texts: Sequence[str],
+                     max_hypotheses: int | None = None) -> np.ndarray:
+  """The per-hypothesis BLEU / 100 whose mean is `self_bleu` ([K]; empty if
+  B < 2). Their spread gives Self-BLEU's standard error."""
   texts = list(texts)
   if len(texts) < 2:
-    return 0.0
+    return np.zeros((0,))
   k = len(texts) if max_hypotheses is None else min(max_hypotheses, len(texts))
   scorer = _sentence_bleu()
-  scores = [
-      scorer.sentence_score(texts[i], texts[:i] + texts[i + 1:]).score
+  return np.array([
+      scorer.sentence_score(texts[i], texts[:i] + texts[i + 1:]).score / 100.0
       for i in range(k)
-  ]
-  return float(np.mean(scores)) / 100.0
+  ])
 
 
 def _reference_streams(references: Sequence[str | Sequence[str]],
@@ -192,7 +199,8 @@ def rouge(hypotheses: Sequence[str],
 
 def diversity_report(texts: Sequence[str],
                      token_lists: Sequence[Tokens] | None = None,
-                     max_hypotheses: int | None = None) -> dict[str, float]:
+                     max_hypotheses: int | None = None,
+                     num_bootstrap: int = 100) -> dict[str, float]:
   """Diversity of a batch of samples: Distinct-1/2/3 and Self-BLEU.
 
   Args:
@@ -201,12 +209,26 @@ def diversity_report(texts: Sequence[str],
       with padding removed), for Distinct-n over model tokens. If ``None``,
       Distinct-n is over the whitespace-separated words of ``texts``.
     max_hypotheses: passed to ``self_bleu``.
+    num_bootstrap: resamples for the standard errors of Distinct-n.
 
   Returns:
     ``{"distinct_1", "distinct_2", "distinct_3", "self_bleu"}``, floats in
-    [0, 1] (see ``distinct_n`` and ``self_bleu`` for the degenerate values).
+    [0, 1] (see ``distinct_n`` and ``self_bleu`` for the degenerate values),
+    each with ``<name>_se``, its standard error: for Distinct-n the spread of
+    ``num_bootstrap`` bootstrap resamples of the batch (seeded, so repeatable),
+    for Self-BLEU that of the per-hypothesis scores over √K.
   """
-  sequences = texts if token_lists is None else token_lists
-  report = {f"distinct_{n}": distinct_n(sequences, n) for n in (1, 2, 3)}
-  report["self_bleu"] = self_bleu(texts, max_hypotheses=max_hypotheses)
+  sequences = list(texts if token_lists is None else token_lists)
+  report = {}
+  rng = np.random.default_rng(0)
+  resamples = [rng.integers(0, len(sequences), len(sequences))
+               for _ in range(num_bootstrap)] if len(sequences) > 1 else []
+  for n in (1, 2, 3):
+    report[f"distinct_{n}"] = distinct_n(sequences, n)
+    boot = [distinct_n([sequences[i] for i in idx], n) for idx in resamples]
+    report[f"distinct_{n}_se"] = float(np.std(boot, ddof=1)) if boot else 0.0
+  scores = self_bleu_scores(texts, max_hypotheses)
+  report["self_bleu"] = float(np.mean(scores)) if scores.size else 0.0
+  report["self_bleu_se"] = (float(np.std(scores, ddof=1) / np.sqrt(scores.size))
+                            if scores.size > 1 else 0.0)
   return report

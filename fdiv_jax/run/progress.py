@@ -63,6 +63,9 @@ class ProgressBar:
       ``Divergence.metric_name`` (e.g. ``"js"``, ``"hellinger"``,
       ``"alpha_0.5"``); by default the first present of forward KL, reverse
       KL, JS, TV and the other names of the registry.
+    moment_targets: for a distributional target, the target moment of each
+      feature by name: the bar shows ``name=E_π[φ]/μ̄`` (e.g.
+      ``female=0.27/0.50``) instead of the energy as alignment.
     file: the stream (default ``sys.stderr``).
     log_interval_s: minimum seconds between lines off a terminal.
     disable: no output at all.
@@ -71,6 +74,7 @@ class ProgressBar:
   def __init__(self, total: int, initial: int = 0, *,
                samples_per_step: int | None = None,
                divergence_key: str | None = None,
+               moment_targets: Mapping[str, float] | None = None,
                file: TextIO | None = None, log_interval_s: float = 30.0,
                disable: bool = False):
     stream = sys.stderr if file is None else file
@@ -78,6 +82,7 @@ class ProgressBar:
     isatty = getattr(stream, "isatty", lambda: False)()
     self._samples_per_step = samples_per_step
     self._divergence_key = divergence_key
+    self._moment_targets = dict(moment_targets or {})
     self._history = collections.deque(maxlen=20)  # (time, step)
     self._bar = tqdm.tqdm(
         total=total, initial=initial, desc="train", unit="step",
@@ -91,9 +96,17 @@ class ProgressBar:
     """The postfix fields shown for ``metrics`` (exposed for tests)."""
     values = reporting.scalars(metrics)
     fields = {}
-    alignment = _lookup(values, reporting.ALIGNMENT_KEY)
-    if alignment is not None:
-      fields["align"] = f"{alignment:.3f}"
+    if self._moment_targets:
+      for name, goal in self._moment_targets.items():
+        moment = _lookup(values, f"moment/{name}")
+        if moment is None:
+          moment = values.get(f"train/moment/{name}", values.get(f"eval/moment/{name}"))
+        if moment is not None:
+          fields[name] = f"{moment:.2f}/{goal:.2f}"
+    else:
+      alignment = _lookup(values, reporting.ALIGNMENT_KEY)
+      if alignment is not None:
+        fields["align"] = f"{alignment:.3f}"
     if self._divergence_key:
       names = [self._divergence_key]
     else:

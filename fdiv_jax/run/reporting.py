@@ -308,6 +308,27 @@ def _format(value: Any) -> str:
   return f"{number:.4f}"
 
 
+def format_estimate(value: Any, standard_error: Any = None) -> str:
+  """``0.7813 ± 0.0129``: a figure with its standard error (when known), both
+  to the precision the error allows (two significant digits of the error)."""
+  number = to_float(value)
+  se = to_float(standard_error)
+  if number is None:
+    return ""
+  if se is None or not math.isfinite(se) or se <= 0 or not math.isfinite(number):
+    return _format(value)
+  digits = max(0, 1 - math.floor(math.log10(se)))
+  if digits > 6:
+    return f"{number:.3e} ± {se:.1e}"
+  return f"{number:.{digits}f} ± {se:.{digits}f}"
+
+
+def with_errors(metrics: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
+  """{key: "value ± se"} for the keys present, `key_se` giving the error."""
+  return {k: format_estimate(metrics[k], metrics.get(k + "_se"))
+          for k in keys if k in metrics}
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
   rows = [list(header)] + [list(r) for r in rows]
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -327,7 +348,8 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
   {...}}``, each becomes a column, so that models can be compared row by row
   (a missing entry is blank). Nested mappings below that are flattened with
   ``/``. Floats show 4 decimals (scientific notation when very large or
-  small), integers as integers.
+  small), integers as integers, strings (e.g. from `format_estimate`) as
+  they are.
   """
   if metrics and all(isinstance(v, Mapping) for v in metrics.values()):
     columns = {name: flatten(sub) for name, sub in metrics.items()}

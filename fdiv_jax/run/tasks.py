@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdiv_jax import targets as targets_lib
-from fdiv_jax.core import _values, baselines, divergences
+from fdiv_jax.core import _values, baselines, divergences, estimators
 from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.run.prompts import Prompts
@@ -242,6 +242,8 @@ class Task:
     sampler: the proposal's ``sampling.SamplerConfig``.
     prompts: the prompts and the batch rule.
     lambda_fit: ``targets.LambdaFit`` of a fitted distributional target.
+    initial_log_partition: the running log Ẑ_c to start from (the λ fit's
+      samples), or None to start empty.
     support: ``enumeration.Support`` of every continuation for exact metrics.
   """
   model: Any
@@ -252,6 +254,7 @@ class Task:
   sampler: sampling.SamplerConfig
   prompts: Prompts
   lambda_fit: targets_lib.LambdaFit | None = None
+  initial_log_partition: estimators.PartitionState | None = None
   support: enumeration.Support | None = None
 
   @property
@@ -285,7 +288,8 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
                        prompts: Prompts, sampler: sampling.SamplerConfig,
                        num_samples: int, chunk_size: int, rng: jax.Array
                        ) -> tuple[targets_lib.DistributionalTarget,
-                                  targets_lib.LambdaFit]:
+                                  targets_lib.LambdaFit,
+                                  estimators.PartitionState]:
   """Fits λ on samples x ~ a(·|c) (GDC: q = a, so log q = log a).
 
   Draws ``ceil(num_samples / chunk_size)`` chunks of ``chunk_size`` rows with
@@ -294,6 +298,11 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
   fitted so that the MEAN over contexts of the per-context moments equals
   μ̄, each context normalised by its own Z_c, as training does
   (``context_ids`` = the prompt of each sample; ``targets.fit_lambdas``).
+
+  Returns:
+    (the fitted target, the ``LambdaFit``, and the running estimate of log Z_c
+    that these samples give under the fitted target: the best estimate there
+    is before training, which the train state starts from).
 
   Raises:
     ConfigError (``target.moments``): the samples never reach the target
@@ -312,13 +321,19 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
   tokens, mask, log_q = (np.concatenate(x) for x in zip(*outs))
   context = {"prompts": prompts.tokens[rows], "prompt_lengths": prompts.lengths[rows]}
   try:
-    return target.fit(tokens, mask, log_q, log_q, context, context_ids=rows,
-                      num_contexts=prompts.num_contexts)
+    fitted, fit = target.fit(tokens, mask, log_q, log_q, context, context_ids=rows,
+                             num_contexts=prompts.num_contexts)
   except ValueError as e:
     raise ConfigError(
         f"config.target.moments: λ cannot be fitted on {len(rows)} samples "
         f"of the base model: {e}. Raise config.target.fit_samples, or set "
         "config.target.lambdas.") from e
+  log_target = fitted.log_prob(jnp.asarray(tokens), jnp.asarray(mask),
+                               jnp.asarray(log_q), context)
+  partition = estimators.update_partition(
+      estimators.init_partition(prompts.num_contexts), log_target,
+      jnp.asarray(log_q), jnp.asarray(rows, jnp.int32))
+  return fitted, fit, partition
 
 
 def build(spec: RunSpec) -> Task:
@@ -338,10 +353,10 @@ def build(spec: RunSpec) -> Task:
         f"config.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but "
         f"the model only {model.vocab_size} (model.vocab_size).")
   target = spec.target.build(decode=tokenizer.batch_decode, encode=tokenizer.encode)
-  lambda_fit = None
+  lambda_fit = initial_log_partition = None
   if spec.target.fits_lambdas:
     fit_samples = spec.target.fit_samples
-    target, lambda_fit = fit_distributional(
+    target, lambda_fit, initial_log_partition = fit_distributional(
         target, model, base_params, spec.prompts, spec.sampler, fit_samples,
         min(fit_samples, spec.loop.eval_batch_size),
         jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 2))
@@ -355,4 +370,5 @@ def build(spec: RunSpec) -> Task:
   return Task(model=model, params=jax.tree.map(jnp.array, base_params),
               base_params=base_params, tokenizer=tokenizer, target=target,
               sampler=spec.sampler, prompts=spec.prompts, lambda_fit=lambda_fit,
+              initial_log_partition=initial_log_partition,
               support=support)

@@ -1,12 +1,20 @@
-"""The evaluation step: fresh samples x ~ π, their metrics, and the samples.
+"""The evaluation step: fresh samples of π and of a, their metrics, the samples.
 
 `make_eval_step(config, model, target, sampler)` returns a pure function
 
     eval_step(state, batch, rng) -> (metrics, EvalSamples)
 
-One compiled, sharded sampler call serves every evaluation figure: the
-importance-sampled metrics computed here, and, from the returned samples, the
-diversity figures and the samples a run writes (`fdiv_jax.run.evaluation`).
+Each of the B rows of `batch` is sampled once from the evaluated policy π and
+once from the base model a (`rollout.draw_from_mixture`): a defensive mixture
+½π + ½a whose importance weights π/q ≤ 2 and P/q ≤ 2·P/a stay bounded, so the
+divergences to the target, KL(π‖a), alignment and moments are low-variance
+estimates, each with its standard error (`rollout.sample_metrics`, stratified:
+exactly B samples of each). The running log Ẑ of the state is merged with
+these samples' own estimate for the divergences (for this evaluation only).
+
+One compiled, sharded sampler call serves every evaluation figure: the metrics
+computed here and, from π's returned samples, the diversity figures and the
+samples a run writes (`fdiv_jax.run.evaluation`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from fdiv_jax.core import estimators
 from fdiv_jax.lm import sampling, scoring
 from fdiv_jax.train import rollout
 from fdiv_jax.train import state as state_lib
@@ -38,9 +45,9 @@ class EvalSamples(NamedTuple):
 
 
 def make_eval_step(config: step_lib.StepConfig, model, target,
-                   sampler: sampling.SamplerConfig
+                   sampler: sampling.SamplerConfig, *, per_context: bool = True
                    ) -> Callable[..., tuple[dict[str, Array], EvalSamples]]:
-  """`eval_step(state, batch, rng) -> (metrics, samples)` on fresh x ~ π.
+  """`eval_step(state, batch, rng) -> (metrics, samples)`; see the module doc.
 
   Args:
     config: the run's `StepConfig` (its divergence is reported beside the
@@ -50,9 +57,7 @@ def make_eval_step(config: step_lib.StepConfig, model, target,
     target: the target.
     sampler: the sampler of the policy being evaluated: pass the proposal's
       `SamplerConfig.untempered()` to evaluate π itself.
-
-  The metrics use log Ẑ from the state merged with these samples' own estimate
-  (for this evaluation only); on-policy, the sampler's log q is log π.
+    per_context: also report the moments of each context.
   """
   if sampler.warping != scoring.Warping():
     raise ValueError(
@@ -63,15 +68,12 @@ def make_eval_step(config: step_lib.StepConfig, model, target,
 
   def eval_step(state: state_lib.FDPGState, batch: state_lib.Batch, rng: Array):
     params = state.ema_params if use_ema else state.params
-    x = rollout.draw_and_score(model, target, sampler, params, state.base_params,
-                               batch, rng)
-    # The fresh samples also estimate Z (unbiasedly, whatever the proposal); at
-    # step 0 they are the only estimate there is.
-    log_z = estimators.update_partition(
-        state.log_partition, x.log_target, x.log_q, batch.context_ids,
-        mask=~jax.numpy.isnan(x.log_target)).log_z[batch.context_ids]
-    metrics = rollout.sample_metrics(config.divergence, target, x, x.log_q, log_z,
-                                     batch)
-    return metrics, EvalSamples(x.tokens, x.mask, batch.context_ids)
+    x, log_model, strata = rollout.draw_from_mixture(
+        model, target, sampler, params, state.base_params, batch, rng)
+    metrics = rollout.sample_metrics(config.divergence, target, x, log_model,
+                                     state.log_partition, strata=strata,
+                                     per_context=per_context)
+    n = batch.prompts.shape[0]
+    return metrics, EvalSamples(x.tokens[:n], x.mask[:n], batch.context_ids)
 
   return eval_step

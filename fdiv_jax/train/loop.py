@@ -15,8 +15,8 @@
      SIGINT (the last completed step), then stops.
 
 `task` is any object with `model`, `params`, `base_params`, `target`,
-`sampler`, `num_contexts` and `batch(step, batch_size) -> Batch` (see
-`fdiv_jax.run.tasks.Task`). Everything here takes typed objects; nothing reads a
+`sampler`, `num_contexts` and `batch(step, batch_size) -> Batch`, and
+optionally `initial_log_partition` (see `fdiv_jax.run.tasks.Task`). Everything here takes typed objects; nothing reads a
 config file.
 """
 
@@ -50,8 +50,9 @@ class LoopConfig:
     num_steps: train steps in all (a resumed run continues to this step).
     batch_size: samples per step, B.
     seed: seeds the training RNG (`jax.random.PRNGKey(seed)`) and evaluation.
-    eval_every: steps between evaluations on fresh samples of π.
-    eval_batch_size: samples per evaluation.
+    eval_every: steps between evaluations on fresh samples.
+    eval_batch_size: samples per evaluation, even: half from π, half from the
+      base model a (`train.eval_step`).
     log_every: steps between training-metric reports.
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: checkpoints kept on disk.
@@ -74,6 +75,10 @@ class LoopConfig:
                  "log_every", "checkpoint_every", "keep_checkpoints"):
       _values.integer(name, getattr(self, name), minimum=1)
     _values.integer("seed", self.seed, minimum=0)
+    if self.eval_batch_size % 2:
+      raise ValueError(f"eval_batch_size: must be even (half the evaluation "
+                       f"samples come from π, half from the base model), got "
+                       f"{self.eval_batch_size}.")
     # The sizes alone (the device count is checked when the mesh is built).
     sharding.mesh_shape(self.mesh_data, self.mesh_fsdp,
                         max(self.mesh_data, 1) * self.mesh_fsdp)
@@ -106,9 +111,10 @@ def eval_rng(seed: int, step: int) -> jax.Array:
 def initial_state(task, mesh, *, loop: LoopConfig, step: step_lib.StepConfig,
                   optimizer: optimizer_lib.OptimizerConfig) -> state_lib.FDPGState:
   """The step-0 state of `task` on `mesh` (policy = the task's initial params)."""
-  state = state_lib.create_state(task.model, task.params, step_config=step,
-                                 optimizer=optimizer, base_params=task.base_params,
-                                 num_contexts=task.num_contexts, seed=loop.seed)
+  state = state_lib.create_state(
+      task.model, task.params, step_config=step, optimizer=optimizer,
+      base_params=task.base_params, num_contexts=task.num_contexts, seed=loop.seed,
+      log_partition=getattr(task, "initial_log_partition", None))
   return sharding.shard_state(state, mesh)
 
 
@@ -157,7 +163,7 @@ def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
                                    task.sampler.untempered()), state, mesh)
 
   def evaluate(at: int, state) -> dict[str, float]:
-    batch = sharding.shard_batch(task.batch(at, loop.eval_batch_size), mesh)
+    batch = sharding.shard_batch(task.batch(at, loop.eval_batch_size // 2), mesh)
     metrics, samples = jax.device_get(eval_fn(state, batch, eval_rng(loop.seed, at)))
     metrics = {k: float(v) for k, v in metrics.items()}
     if on_eval is not None:

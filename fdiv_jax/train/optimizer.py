@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fdiv_jax.core import _values
@@ -72,6 +74,27 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
       [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` whose norm cannot overflow.
+
+  The norm is m·‖g/m‖ with m = max_i |g_i|, so gradients with entries near
+  1e19 in float32 (large pseudo-rewards of Pearson χ² or α > 1 divergences,
+  whose bounds keep R and R² finite but not Σ g²) are rescaled to `max_norm`
+  instead of being multiplied by max_norm/inf = 0: a silent no-op update.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    norm = safe * jnp.sqrt(sum(jnp.sum(jnp.square(x / safe)) for x in leaves))
+    factor = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+    return jax.tree.map(lambda x: (x * factor).astype(x.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping, a schedule, accumulation and a finite guard.
 
@@ -80,10 +103,10 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
                             not accumulated) and counted in `total_notfinite`;
     optax.MultiSteps        accumulates `grad_accum_steps` micro-batch gradients
                             (one per train step) and updates on the last;
-    clip_by_global_norm → adamw(schedule).
+    clip_by_global_norm (overflow-safe) → adamw(schedule).
   """
   inner = optax.chain(
-      optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0
+      clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0
       else optax.identity(),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1,
                   b2=config.adam_b2, eps=1e-8, weight_decay=config.weight_decay),

@@ -55,7 +55,9 @@ class FDPGState(train_state.TrainState):
 def create_state(model, params, *, step_config,
                  optimizer: optimizer_lib.OptimizerConfig | optax.GradientTransformation,
                  base_params=None, num_contexts: int = 1, seed: int = 0,
-                 rng: Array | None = None) -> FDPGState:
+                 rng: Array | None = None,
+                 log_partition: estimators.PartitionState | None = None
+                 ) -> FDPGState:
   """A fresh state at step 0 from initial policy params (usually = base params).
 
   Args:
@@ -68,6 +70,8 @@ def create_state(model, params, *, step_config,
     num_contexts: number of log Ẑ entries (1 unless the target is conditional).
     seed: the RNG seed, `jax.random.PRNGKey(seed)`, unless `rng` is given.
     rng: a raw uint32[2] key.
+    log_partition: the running log Ẑ to start from (e.g. the λ fit's
+      samples); default empty, with `num_contexts` entries.
   """
   # Separate buffers for every copy: the jitted step donates the whole state, and
   # a buffer shared by two fields could not be donated twice.
@@ -83,7 +87,8 @@ def create_state(model, params, *, step_config,
       tx=tx,
       base_params=base_params,
       proposal_params=copy(base_params) if step_config.offline else None,
-      log_partition=estimators.init_partition(num_contexts),
+      log_partition=(estimators.init_partition(num_contexts)
+                     if log_partition is None else copy(log_partition)),
       baseline_state=step_config.baseline.init(),
       rng=jax.random.PRNGKey(seed) if rng is None else rng,
       ema_params=copy(params) if step_config.ema_decay > 0 else None,

@@ -21,8 +21,9 @@ reads top to bottom in the order of the paper, each quantity computed once:
      skipped), the baseline and EMA updates, and offline the proposal update
      (q ← π when π's estimated divergence to the target, averaged over a window
      of steps, is lower than q's);
-  7. metrics: loss, log Ẑ, ESS, the four divergences to the target and the
-     trained one, KL(π‖a), alignment and moments under π, pseudo-reward and
+  7. metrics (`rollout.sample_metrics`, each estimate with its standard
+     error): the four divergences to the target and the trained one, KL(π‖a),
+     alignment and moments under π, log Ẑ, ESS; and loss, pseudo-reward and
      advantage statistics, gradient norm, clipped samples, skipped updates.
 
 References: Go et al., ICML 2023 (f-DPG); Khalifa et al., ICLR 2021 (DPG/GDC,
@@ -175,7 +176,7 @@ def make_train_step(config: StepConfig, model, target,
           new_state.params)
 
     # 7. Metrics.
-    metrics = rollout.sample_metrics(d, target, x, log_model, log_z, batch)
+    metrics = rollout.sample_metrics(d, target, x, log_model, state.log_partition)
     if config.offline:
       updates.update(_proposal_update(config, state, new_state, x, log_model,
                                       log_z, metrics))
@@ -188,7 +189,7 @@ def make_train_step(config: StepConfig, model, target,
         advantage_mean=jnp.mean(advantages),
         advantage_std=jnp.std(advantages),
         importance_weight_mean=jnp.mean(weights),
-        num_clipped=jnp.sum((clipped != log_t) & ~jnp.isnan(log_t)),
+        num_clipped=jnp.sum(losses.is_clipped(log_t, clipped)),
         skipped_updates=optimizer_lib.skipped_updates(new_state.opt_state),
     )
     return new_state, metrics
