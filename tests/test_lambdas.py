@@ -183,7 +183,8 @@ def test_fit_distributional_fits_per_prompt(monkeypatch):
   assert seen == {5: 10_000, 6: 10_000}
   # The fit's samples seed the trainer's running log Ẑ_c: the same estimate.
   np.testing.assert_array_equal(partition.count, [10_000, 10_000])
-  np.testing.assert_allclose(partition.log_z, fit.log_partition, rtol=1e-5)
+  # (float32 sums of 10,000 weights against the fit's float64.)
+  np.testing.assert_allclose(partition.log_z, fit.log_partition, atol=1e-4)
   np.testing.assert_array_equal(fit.context_counts, [10_000, 10_000])
   np.testing.assert_allclose(fit.context_moments[:, 0],
                              [bernoulli_moment(fit.lambdas[0], r) for r in RATES],
