@@ -15,8 +15,10 @@ The package is layered; each layer imports only the ones above it here:
 The core is imported here eagerly (it is light); everything else on first
 attribute access, so ``from fdiv_jax import divergences, estimators, losses``
 pulls in neither Flax nor Optax. The short names of the flat layout of earlier
-versions (``fdiv_jax.models``, ``fdiv_jax.sampling``, ``fdiv_jax.features``,
-...) keep working as aliases of the modules in their layer.
+versions keep working as attributes: ``from fdiv_jax import models, sampling,
+features, targets, train`` (the core modules also as ``import
+fdiv_jax.divergences``). To import *from* a module, name it in its layer:
+``from fdiv_jax.lm.models import GPT2LM``.
 """
 
 import importlib

@@ -306,3 +306,78 @@ def test_sized():
   assert config_lib.sized(_valid(), "").num_steps == 200
   with pytest.raises(ValueError, match="default, tiny"):
     config_lib.sized(_valid(), "huge")
+
+
+def test_batches_must_divide_over_the_mesh():
+  loop = loop_lib.LoopConfig(num_steps=1, batch_size=12, eval_batch_size=16)
+  tasks._check_divides(loop, 4)           # 12 rows and 8 evaluation rows
+  with pytest.raises(ConfigError, match=r"^config\.batch_size: 12 .* 8 devices"):
+    tasks._check_divides(loop, 8)
+  loop = loop_lib.LoopConfig(num_steps=1, batch_size=8, eval_batch_size=12)
+  with pytest.raises(ConfigError, match=r"^config\.eval_batch_size: 6 .*π and from a"):
+    tasks._check_divides(loop, 4)
+
+
+def test_eval_batch_size_must_be_even():
+  c = _valid()
+  c.eval_batch_size = 7
+  with pytest.raises(ConfigError, match=r"^config\.eval_batch_size: must be even"):
+    describe(c)
+
+
+def test_samples_md_needs_enough_evaluation_samples():
+  c = _valid()
+  c.prompts = ("a b", "c d", "e f")
+  c.num_samples_md = 8
+  c.eval_batch_size = 32                  # 16 of π for 3 x 8 wanted
+  with pytest.raises(ConfigError, match=r"^config\.num_samples_md: 8 .* 3 prompt"):
+    describe(c)
+  c.eval_batch_size = 48
+  describe(c)
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 5), ("top_p", 0.9)])
+def test_a_truncated_proposal_is_refused_unless_allowed(field, value):
+  c = _set(_valid(), field, value)
+  with pytest.raises(ConfigError) as e:
+    describe(c)
+  assert str(e.value).startswith("config.top_k / config.top_p: ")
+  assert "biased" in str(e.value) and "allow_truncated_proposal" in str(e.value)
+  c.allow_truncated_proposal = True
+  describe(c)
+  c = _set(_valid(), "temperature", 0.7)   # temperature alone: π/q corrects it
+  describe(c)
+
+
+def test_offline_comparison_on_an_infinite_metric_is_refused():
+  c = _valid()                            # a pointwise (hard) constraint
+  c.mode = "offline"
+  c.proposal_update_metric = "reverse_kl"
+  with pytest.raises(ConfigError, match=r"^config\.proposal_update_metric: "
+                     r"reverse_kl is \+inf .* never updated"):
+    describe(c)
+  c.proposal_update_metric = "tv"
+  describe(c)
+  c = _reward()                           # full support: reverse KL is finite
+  c.mode, c.proposal_update_metric = "offline", "reverse_kl"
+  describe(c)
+
+
+def test_misnamed_fields_and_values_name_the_field():
+  c = _valid()
+  c.model.unlock()
+  c.model.n_layers = 3                    # not a ModelSpec field
+  with pytest.raises(ConfigError, match=r"^config\.model\.n_layers: is not a field"):
+    describe(c)
+  c = _valid()
+  c.unlock()
+  c.mesh_data = None
+  with pytest.raises(ConfigError, match=r"^config\.mesh_data: must be an integer"):
+    describe(c)
+
+
+def test_target_errors_with_the_real_tokenizer_are_config_errors():
+  c = _toy()
+  c.target.features = ("contains_words:words=Hello",)   # the toy tokenizer: a..z
+  with pytest.raises(ConfigError, match=r"^config\.target\.features\[0\]: "):
+    describe(c)

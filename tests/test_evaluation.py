@@ -39,7 +39,7 @@ def test_diversity_and_samples_come_from_the_evaluation_samples(tmp_path):
   texts = ["love is all", "work all day", "love is all", "time flies", "x"]
   samples = _samples(texts, [0, 1, 0, 1, 0], task.tokenizer.eos_id)
   ev = evaluation.Evaluator(task, str(tmp_path), divergence=divergences.get("js"),
-                            use_ema=False, num_samples_md=2, num_samples=10)
+                            num_samples_md=2, num_samples=10)
   out = ev(0, {"js": 0.25}, samples, state=None)
   assert out["js"] == 0.25
   want = metrics_lib.diversity_report(

@@ -208,3 +208,37 @@ def test_default_clip_keeps_alpha_pseudo_rewards_finite():
   assert clip == 4
   r = d.pseudo_reward(jnp.array([-clip, clip], jnp.float32))
   assert np.all(np.isfinite(np.asarray(r))) and np.all(np.isfinite(np.asarray(r)**2))
+
+
+@pytest.mark.parametrize("poison", ["nan_target", "nan_proposal", "inf_weight",
+                                    "nan_log_model"])
+def test_padding_rows_never_reach_the_gradient(poison):
+  """A masked-out row holding inf or NaN changes neither the loss nor its
+  gradient (a float mask works too)."""
+  log_model = jnp.log(jnp.array([0.2, 0.3, 0.5]))
+  log_q = jnp.log(jnp.array([0.25, 0.25, 0.5]))
+  log_target = jnp.log(jnp.array([0.1, 0.6, 0.3]))
+  if poison == "nan_target":
+    log_target = log_target.at[2].set(jnp.nan)
+  elif poison == "nan_proposal":
+    log_q = log_q.at[2].set(jnp.nan)
+  elif poison == "inf_weight":
+    log_q = log_q.at[2].set(-jnp.inf)
+
+  def loss(theta, mask):
+    # The gradient is taken with respect to log π itself (a NaN that an
+    # upstream op makes has a NaN derivative of its own, which no loss undoes).
+    return losses.fdpg_loss("js", theta, log_q, log_target, 0.0, 0.1, mask=mask)[0]
+
+  theta = jnp.log(jnp.array([0.2, 0.3, 0.5]))
+  if poison == "nan_log_model":
+    theta = theta.at[2].set(jnp.nan)
+  for mask in (jnp.array([True, True, False]), jnp.array([1.0, 1.0, 0.0])):
+    value, grad = jax.value_and_grad(loss)(theta, mask)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad))), (
+        poison, value, grad)
+  clean = losses.fdpg_loss("js", jnp.log(jnp.array([0.2, 0.3])),
+                           jnp.log(jnp.array([0.25, 0.25])),
+                           jnp.log(jnp.array([0.1, 0.6])), 0.0, 0.1)[0]
+  assert float(loss(theta, jnp.array([True, True, False]))) == pytest.approx(
+      float(clean), rel=1e-6)

@@ -146,3 +146,16 @@ def test_the_trained_divergence_reaches_metrics_and_summary(divergence, key,
     rows = [json.loads(line) for line in f]
   assert any(f"train/{key}" in r for r in rows)
   assert any(f"eval/{key}" in r for r in rows)
+
+
+def test_rerunning_a_finished_run_still_reports_it(tmp_path):
+  config = load_config("toy_exact")
+  main_lib.run(config, str(tmp_path))
+  os.remove(tmp_path / "summary.json")
+  again = main_lib.run(load_config("toy_exact"), str(tmp_path))   # nothing to train
+  assert again["step"] == config.num_steps
+  for key in ("alignment", "js", "js_se", "exact/js"):
+    assert np.isfinite(again[key]), key
+  with open(tmp_path / "samples.md", encoding="utf-8") as f:
+    trained = f.read().split("**Trained**", 1)[1]
+  assert "```text" in trained

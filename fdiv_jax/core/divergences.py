@@ -207,13 +207,15 @@ _F_OVER_T = {
 }
 
 NAMES: tuple[str, ...] = tuple(_SPECS)
+# The four divergences to the target that the literature reports for every run
+# (KL(p‖π), KL(π‖p), TV, JS), whatever f is trained.
+STANDARD: tuple[str, ...] = ("forward_kl", "reverse_kl", "tv", "js")
 
 # The one alias table (alias -> canonical name in `NAMES`): `get`, the CLI and
 # the reports all read this one. Read-only.
 ALIASES: Mapping[str, str] = types.MappingProxyType({
     "kl": "forward_kl", "rkl": "reverse_kl", "jensen_shannon": "js",
     "total_variation": "tv"})
-_ALIASES = ALIASES  # The former private name.
 
 
 def accepted_names() -> tuple[str, ...]:

@@ -332,7 +332,7 @@ def divergences_to_target(log_model, log_target, log_proposal, log_z,
                          log_proposal, log_z, mask)
   args = (log_model, log_target, log_proposal, log_z, mask)
   return {name: _divergence(name, *args)
-          for name in ("forward_kl", "reverse_kl", "tv", "js")}
+          for name in divergences.STANDARD}
 
 
 def kl_from_base(log_model: Array, log_base: Array, log_proposal: Array,

@@ -347,8 +347,11 @@ def fdpg_loss(d: divergences.Divergence | str,
   rewards = d.pseudo_reward(clipped)
   weights = importance_weights(log_model, jnp.asarray(log_proposal, dtype))
   advantages = jax.lax.stop_gradient(rewards - baseline)
-  loss = masked_mean(surrogate(log_model, weights, advantages), mask)
-  m = jnp.ones(log_model.shape, bool) if mask is None else mask
+  m = jnp.ones(log_model.shape, bool) if mask is None else jnp.asarray(mask) != 0
+  # Rows off the mask get w·A = 0 *before* the product with log π, so that an
+  # inf or NaN weight, reward or log π there reaches neither value nor gradient.
+  loss = masked_mean(surrogate(log_model, jnp.where(m, weights, 0.0),
+                               jnp.where(m, advantages, 0.0)), m)
   aux = {
       "log_ratio": ell,
       "pseudo_reward": rewards,

@@ -89,7 +89,6 @@ class ExactMetrics(NamedTuple):
   target_alignment: float         # E_p[alignment]
 
 
-STANDARD_DIVERGENCES = ("forward_kl", "reverse_kl", "tv", "js")
 
 
 def exact_metrics(model, params, base_params, target, prompt: np.ndarray,
@@ -107,7 +106,7 @@ def exact_metrics(model, params, base_params, target, prompt: np.ndarray,
   log_target = target.log_prob(tokens, mask, log_a, ctx)
   log_z = jax.scipy.special.logsumexp(log_target)
   log_p = log_target - log_z
-  ds = [divergences.get(n) for n in STANDARD_DIVERGENCES] + list(extra)
+  ds = [divergences.get(n) for n in divergences.STANDARD] + list(extra)
   divs = {d.metric_name: float(divergences.exact(d, log_pi, log_p)) for d in ds}
   align = target.alignment(tokens, mask, ctx)
   return ExactMetrics(

@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.top_k = 0
   c.top_p = 1.0
+  # Top-k / top-p make q = 0 where π > 0 and bias the gradient, Ẑ and every
+  # importance-sampled metric: refused unless set (the run then reports the
+  # mass of π it misses). Temperature alone is always allowed.
+  c.allow_truncated_proposal = False
   # Devices.
   c.mesh_data = -1               # -1: every device not used by fsdp
   c.mesh_fsdp = 1
@@ -119,18 +123,21 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a task config in place for tests (a few steps in seconds).
 
   Every config in `configs/` applies it for ``--config=configs/X.py:tiny``:
-  3 steps of batch 4, at most 8 new tokens, evaluation and checkpoints every
-  2 steps, 64 samples to fit λ, and (randomly initialised models only) one
-  layer of width 16. The pretrained and Hugging Face models keep their size.
+  3 steps of batch 4, at most 8 new tokens, evaluation (8 samples, or enough
+  for 2 samples.md samples per prompt) and checkpoints every 2 steps, 64
+  samples to fit λ, and (randomly initialised models only) one layer of width
+  16. The pretrained and Hugging Face models keep their size.
   """
   c.num_steps = 3
   c.batch_size = 4
-  c.eval_batch_size = 8
   c.eval_every = 2
   c.checkpoint_every = 2
   c.log_every = 1
   c.warmup_steps = 0
   c.num_samples_md = 2
+  # Half the evaluation samples are π's, and samples.md shows num_samples_md of
+  # them for every prompt.
+  c.eval_batch_size = max(8, 2 * c.num_samples_md * max(1, len(c.prompts)))
   c.max_new_tokens = min(c.max_new_tokens, 8)
   c.target.fit_samples = min(c.target.fit_samples, 64)
   if c.model.kind in ("gpt2", "lstm") and c.tokenizer != "toy":

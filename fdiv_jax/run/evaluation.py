@@ -30,8 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fdiv_jax.core import divergences
 from fdiv_jax.run import metrics as metrics_lib
 from fdiv_jax.run import reporting
+from fdiv_jax.train import state as state_lib
 
 BASE_EVAL_FILE = "base_eval.json"
 BASE_SAMPLES_FILE = "base_samples.json"
@@ -101,25 +103,22 @@ class Evaluator:
     workdir: where the base model's evaluation is kept.
     divergence: the trained divergence, whose exact value is reported beside
       the standard four.
-    use_ema: the evaluated policy is the Polyak average (exact metrics too).
     num_samples_md: samples per prompt kept for samples.md.
     num_samples: N, the samples of one evaluation (π's and a's).
     moment_targets: the target moment of each distributional feature.
   """
 
-  def __init__(self, task, workdir: str, *, divergence, use_ema: bool,
+  def __init__(self, task, workdir: str, *, divergence,
                num_samples_md: int, num_samples: int,
                moment_targets: dict[str, float] | None = None):
     self.task = task
     self.workdir = workdir
     self.divergence = divergence
-    self.use_ema = use_ema
     self.per_prompt = max(int(num_samples_md), 1)
     self.num_samples = num_samples
     self.moment_targets = dict(moment_targets or {})
     self.divergence_keys = tuple(dict.fromkeys(
-        ("forward_kl", "reverse_kl", "tv", "js", divergence.metric_name,
-         "kl_from_base")))
+        (*divergences.STANDARD, divergence.metric_name, "kl_from_base")))
     self.last: dict[str, float] = {}
     self.last_flags: list[str] = []
     self.last_samples: list[list[str]] = []
@@ -132,7 +131,7 @@ class Evaluator:
     result = dict(metrics)
     result.update(metrics_lib.diversity_report(texts[:n], token_lists[:n]))
     if self.task.support is not None:
-      params = state.ema_params if self.use_ema else state.params
+      params = state_lib.evaluated_params(state)
       exact = self.task.exact(params, base_params=state.base_params,
                               extra=(self.divergence,))
       result.update({f"exact/{k}": v for k, v in exact.divergences.items()})

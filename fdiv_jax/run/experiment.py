@@ -32,12 +32,12 @@ import sys
 import time
 from typing import Any
 
-from fdiv_jax.run import evaluation, plots, progress, reporting, tasks
-from fdiv_jax.train import loop
+from fdiv_jax.core import divergences
+from fdiv_jax.run import tasks
 
-# Metrics shown in the final table (and the eval lines: the first six), in this
-# order; the trained divergence is added after the four standard ones.
-SUMMARY_KEYS = ("alignment", "forward_kl", "reverse_kl", "tv", "js", "kl_from_base",
+# Metrics shown in the final table (and the eval lines: the first seven), in
+# this order; the trained divergence is added after the four standard ones.
+SUMMARY_KEYS = ("alignment", *divergences.STANDARD, "kl_from_base",
                 "distinct_1", "distinct_2", "distinct_3", "self_bleu", "mean_length",
                 "ess_target")
 
@@ -72,6 +72,7 @@ def eval_line(step: int, metrics: dict[str, float], keys: tuple[str, ...],
               moment_targets: dict[str, float], flags: list[str]) -> str:
   """`eval @ step: alignment=0.78 ± 0.01, js=...` (moments beside their targets
   for a distributional target), then the coverage flags, if any."""
+  from fdiv_jax.run import reporting  # pylint: disable=g-import-not-at-top
   shown = reporting.with_errors(
       metrics, [k for k in keys[:7] if not (moment_targets and k == "alignment")])
   for name, goal in moment_targets.items():
@@ -92,6 +93,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     train.CheckpointError: the workdir's checkpoint cannot be restored.
   """
   spec = tasks.describe(config)
+  # Imported only once the config is known good: a bad value fails in about a
+  # second instead of after loading plotting, TensorBoard and text metrics.
+  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.run import evaluation, plots, progress, reporting
+  from fdiv_jax.train import loop
+  # pylint: enable=g-import-not-at-top
   enable_compilation_cache()
   task = tasks.build(spec)  # may raise ConfigError; still nothing written
 
@@ -112,7 +119,6 @@ def run(config, workdir: str) -> dict[str, Any]:
                                                        spec.target.moments)}
                     if spec.target.kind == "distributional" else {})
   evaluator = evaluation.Evaluator(task, workdir, divergence=spec.step.divergence,
-                                   use_ema=spec.step.ema_decay > 0,
                                    num_samples_md=spec.num_samples_md,
                                    num_samples=spec.loop.eval_batch_size,
                                    moment_targets=moment_targets)

@@ -12,9 +12,9 @@ from fdiv_jax.run import reporting
 from fdiv_jax.run.reporting import base_name
 
 # Shown when no divergence key is given: the first present, in this order.
-_DEFAULT_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tv",
+_DEFAULT_DIVERGENCES = (*divergences.STANDARD,
                         *(n for n in divergences.NAMES
-                          if n not in ("forward_kl", "reverse_kl", "js", "tv")))
+                          if n not in divergences.STANDARD))
 
 
 def _lookup(metrics: Mapping[str, float], name: str) -> float | None:

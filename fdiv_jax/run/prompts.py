@@ -83,20 +83,25 @@ class Prompts:
     """P, the padded prompt length (BOS included)."""
     return int(self.tokens.shape[1])
 
-  def context_ids(self, step: int, batch_size: int) -> np.ndarray:
-    """int32 [batch_size]: the prompt of each row at `step` (module docstring)."""
+  def context_ids(self, step: int, batch_size: int, *,
+                  cycle: bool = False) -> np.ndarray:
+    """int32 [batch_size]: the prompt of each row at `step` (module docstring);
+    `cycle` uses the "cycle" rule whatever the configured one (evaluations:
+    every prompt gets its share of the samples)."""
     c = self.num_contexts
     if c == 1:
       return np.zeros((batch_size,), np.int32)
-    if self.sampling == "random":
+    if self.sampling == "random" and not cycle:
       rng = np.random.default_rng((self.seed, int(step)))
       return rng.integers(0, c, size=batch_size).astype(np.int32)
     start = (int(step) * batch_size) % c
     return ((start + np.arange(batch_size)) % c).astype(np.int32)
 
-  def batch(self, step: int, batch_size: int) -> state_lib.Batch:
+  def batch(self, step: int, batch_size: int, *,
+            cycle: bool = False) -> state_lib.Batch:
     """The host batch of `step`: prompts int32 [B, P], their lengths [B] and
-    context ids [B], as NumPy arrays (P is fixed, so the step compiles once)."""
-    ids = self.context_ids(step, batch_size)
+    context ids [B], as NumPy arrays (P is fixed, so the step compiles once).
+    `cycle`: as in `context_ids`."""
+    ids = self.context_ids(step, batch_size, cycle=cycle)
     return state_lib.Batch(prompts=self.tokens[ids],
                            prompt_lengths=self.lengths[ids], context_ids=ids)

@@ -56,14 +56,17 @@ from fdiv_jax.train import sharding
 from fdiv_jax.train import step as step_lib
 
 _LEADING_PARAM = re.compile(r"^([A-Za-z_]\w*)((?:\[\d+\])?): (.*)$", re.S)
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 @contextlib.contextmanager
-def _config_errors(default: str, **fields: str) -> Iterator[None]:
+def _config_errors(default: str, prefix: str = "", **fields: str) -> Iterator[None]:
   """Re-raises a constructor's ValueError/TypeError as `ConfigError`.
 
   A message "param: ..." (or "param[i]: ...") whose param is a key of `fields`
-  names the config field `fields[param]`; any other message names `default`.
+  names the config field `fields[param]`; an unexpected keyword `k` (a field
+  the config has but the object does not know) names `prefix + k`; any other
+  message names `default`.
   """
   try:
     yield
@@ -72,9 +75,13 @@ def _config_errors(default: str, **fields: str) -> Iterator[None]:
   except (ValueError, TypeError) as e:
     message = str(e)
     match = _LEADING_PARAM.match(message)
+    unexpected = _UNEXPECTED_KEYWORD.search(message)
     if match and match.group(1) in fields:
       field = fields[match.group(1)] + match.group(2)
       message = match.group(3)
+    elif unexpected and prefix:
+      field = prefix + unexpected.group(1)
+      message = f"is not a field of {prefix.rstrip('.') or 'the config'}."
     else:
       field = default
     raise ConfigError(f"config.{field}: {message}") from e
@@ -126,24 +133,30 @@ def _divergence(c) -> divergences.Divergence:
 def describe(config) -> RunSpec:
   """The typed objects of a run (module docstring); raises `ConfigError`."""
   c = config
-  with _config_errors("seed", **_same_names(loop_lib.LoopConfig)):
+  with _config_errors("num_steps", **_same_names(loop_lib.LoopConfig)):
     loop = loop_lib.LoopConfig(
         num_steps=c.num_steps, batch_size=c.batch_size, seed=c.seed,
         eval_every=c.eval_every, eval_batch_size=c.eval_batch_size,
         log_every=c.log_every, checkpoint_every=c.checkpoint_every,
         keep_checkpoints=c.keep_checkpoints, mesh_data=c.mesh_data,
         mesh_fsdp=c.mesh_fsdp)
-    sharding.mesh_shape(loop.mesh_data, loop.mesh_fsdp, jax.device_count())
+    data, fsdp = sharding.mesh_shape(loop.mesh_data, loop.mesh_fsdp,
+                                     jax.device_count())
+  _check_divides(loop, data * fsdp)
   with _config_errors("divergence", alpha="alpha"):
     divergence = _divergence(c)
   with _config_errors("baseline", kind="baseline", window="baseline_window",
                       decay="baseline_decay"):
     baseline = baselines.Baseline(c.baseline, c.baseline_window, c.baseline_decay)
   with _config_errors("mode", **_same_names(step_lib.StepConfig)):
+    clip = c.log_ratio_clip
+    if isinstance(clip, bool):
+      raise ValueError(f"log_ratio_clip: must be a number (0 = the dtype default "
+                       f"of each divergence), got {clip!r}.")
     step = step_lib.StepConfig(
         divergence=divergence, baseline=baseline, mode=c.mode,
         ema_decay=c.ema_decay,
-        log_ratio_clip=None if c.log_ratio_clip == 0 else c.log_ratio_clip,
+        log_ratio_clip=None if clip == 0 else clip,
         proposal_update_metric=c.proposal_update_metric,
         proposal_update_window=c.proposal_update_window,
         reuse_sampler_log_probs=c.reuse_sampler_log_probs)
@@ -155,7 +168,7 @@ def describe(config) -> RunSpec:
         max_grad_norm=c.max_grad_norm, grad_accum_steps=c.grad_accum_steps)
 
   model_fields = _same_names(models.ModelSpec, "model.")
-  with _config_errors("model.kind", **model_fields):
+  with _config_errors("model.kind", prefix="model.", **model_fields):
     model = models.ModelSpec(**c.model.to_dict())
   with _config_errors("tokenizer", tokenizer="tokenizer",
                       vocab_size="model.vocab_size"):
@@ -172,20 +185,76 @@ def describe(config) -> RunSpec:
                              seed=c.seed)
   with _config_errors("model.path", **model_fields):
     check_positions(sampler.max_new_tokens, prompts.length, model.max_positions)
-  with _config_errors("target.kind", **_same_names(targets_lib.TargetSpec,
-                                                   "target.")):
+  with _config_errors("target.kind", prefix="target.",
+                      **_same_names(targets_lib.TargetSpec, "target.")):
     target = targets_lib.TargetSpec(**c.target.to_dict())
+    # Features that only fail on the real tokenizer (e.g. a word the toy
+    # tokenizer cannot encode) fail here, not after the workdir is written.
+    target.build(decode=tokenizer.batch_decode, encode=tokenizer.encode)
 
   with _config_errors("exact_metrics", exact_metrics="exact_metrics",
-                      num_samples_md="num_samples_md"):
+                      num_samples_md="num_samples_md",
+                      allow_truncated_proposal="allow_truncated_proposal"):
     _values.boolean("exact_metrics", c.exact_metrics)
     _values.integer("num_samples_md", c.num_samples_md, minimum=0)
+    _values.boolean("allow_truncated_proposal", c.allow_truncated_proposal)
   if c.exact_metrics:
     _check_exact_metrics(model, prompts, sampler.max_new_tokens)
+  _check_proposal(sampler, step, target, c.allow_truncated_proposal)
+  if c.num_samples_md * prompts.num_contexts > loop.eval_batch_size // 2:
+    raise ConfigError(
+        f"config.num_samples_md: {c.num_samples_md} samples for each of the "
+        f"{prompts.num_contexts} prompt(s) need an evaluation of at least "
+        f"{c.num_samples_md * prompts.num_contexts} samples of π, but "
+        f"eval_batch_size {loop.eval_batch_size} holds {loop.eval_batch_size // 2} "
+        f"(half are the base model's); lower num_samples_md or raise "
+        f"eval_batch_size.")
   return RunSpec(loop=loop, step=step, optimizer=optimizer, sampler=sampler,
                  model=model, tokenizer=tokenizer, prompts=prompts, target=target,
                  exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,
                  config_json=c.to_json_best_effort(indent=2))
+
+
+def _check_divides(loop: loop_lib.LoopConfig, num_devices: int) -> None:
+  """Each device of the mesh gets an equal share of every batch."""
+  for field, rows in (("batch_size", loop.batch_size),
+                      ("eval_batch_size", loop.eval_batch_size // 2)):
+    if rows % num_devices:
+      what = ("the evaluation's rows (half its samples: each row is sampled "
+              "from π and from a)" if field == "eval_batch_size" else "its rows")
+      raise ConfigError(
+          f"config.{field}: {rows} {what} must divide evenly over the mesh's "
+          f"{num_devices} devices (mesh_data x mesh_fsdp).")
+
+
+def _check_proposal(sampler: sampling.SamplerConfig, step: step_lib.StepConfig,
+                    target: targets_lib.TargetSpec, allow_truncated: bool) -> None:
+  """Refuses proposals whose importance weights or comparisons cannot work.
+
+  * A truncating proposal (top-k, top-p) draws nothing where q = 0 < π: the
+    f-DPG gradient, Ẑ and every importance-sampled metric then miss π's mass
+    there and are biased. Temperature alone is fine (π/q corrects it).
+  * Offline DPG replaces q by π when π's divergence to the target is lower;
+    under a hard constraint (p = 0 where it fails) a divergence with
+    f'(∞) = ∞ (reverse KL) is +inf for both, and the comparison never
+    succeeds: the proposal would silently never be updated.
+  """
+  if sampler.warping.top_k > 0 or sampler.warping.top_p < 1:
+    if not allow_truncated:
+      raise ConfigError(
+          f"config.top_k / config.top_p: a truncated proposal (top_k="
+          f"{sampler.warping.top_k}, top_p={sampler.warping.top_p}) never draws "
+          f"the tokens it cuts, where π still has mass: the f-DPG gradient, Ẑ and "
+          f"every importance-sampled metric are then biased. Use temperature "
+          f"alone, or set config.allow_truncated_proposal=True to accept the "
+          f"bias (the run then reports the mass it misses, truncated_mass).")
+  if (step.offline and target.kind == "pointwise"
+      and math.isinf(divergences.get(step.proposal_update_metric).f_prime_at_inf)):
+    raise ConfigError(
+        f"config.proposal_update_metric: {step.proposal_update_metric} is +inf for "
+        f"both π and q whenever they put mass where a hard constraint fails "
+        f"(p = 0 there), so π would never be found closer and the proposal never "
+        f"updated; use one of tv, js, forward_kl.")
 
 
 def check_positions(max_new_tokens: int, prompt_length: int,
@@ -262,8 +331,13 @@ class Task:
     return self.prompts.num_contexts
 
   def batch(self, step: int, batch_size: int):
-    """The host batch of `step` (``Prompts.batch``)."""
+    """The host batch of training step `step` (``Prompts.batch``)."""
     return self.prompts.batch(step, batch_size)
+
+  def eval_batch(self, step: int, batch_size: int):
+    """The rows of an evaluation: the prompts cycled, so each prompt gets its
+    share of the samples whatever the training rule."""
+    return self.prompts.batch(step, batch_size, cycle=True)
 
   def exact(self, params, base_params=None,
             extra: tuple[divergences.Divergence, ...] = ()

@@ -64,10 +64,8 @@ def make_eval_step(config: step_lib.StepConfig, model, target,
         f"sampler: the evaluation samples π itself, so its sampler must be "
         f"untempered (temperature 1, no top-k/top-p); got {sampler.warping}. "
         f"Pass SamplerConfig.untempered().")
-  use_ema = config.ema_decay > 0
-
   def eval_step(state: state_lib.FDPGState, batch: state_lib.Batch, rng: Array):
-    params = state.ema_params if use_ema else state.params
+    params = state_lib.evaluated_params(state)
     x, log_model, strata = rollout.draw_from_mixture(
         model, target, sampler, params, state.base_params, batch, rng)
     metrics = rollout.sample_metrics(config.divergence, target, x, log_model,

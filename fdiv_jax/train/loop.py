@@ -15,8 +15,9 @@
      SIGINT (the last completed step), then stops.
 
 `task` is any object with `model`, `params`, `base_params`, `target`,
-`sampler`, `num_contexts` and `batch(step, batch_size) -> Batch`, and
-optionally `initial_log_partition` (see `fdiv_jax.run.tasks.Task`). Everything here takes typed objects; nothing reads a
+`sampler`, `num_contexts`, `batch(step, batch_size) -> Batch` (and
+optionally `eval_batch`, the same for evaluations, and
+`initial_log_partition`; see `fdiv_jax.run.tasks.Task`). Everything here takes typed objects; nothing reads a
 config file.
 """
 
@@ -80,8 +81,9 @@ class LoopConfig:
                        f"samples come from π, half from the base model), got "
                        f"{self.eval_batch_size}.")
     # The sizes alone (the device count is checked when the mesh is built).
-    sharding.mesh_shape(self.mesh_data, self.mesh_fsdp,
-                        max(self.mesh_data, 1) * self.mesh_fsdp)
+    fsdp = _values.integer("mesh_fsdp", self.mesh_fsdp, minimum=1)
+    data = _values.integer("mesh_data", self.mesh_data)
+    sharding.mesh_shape(data, fsdp, max(data, 1) * fsdp)
 
 
 @dataclasses.dataclass
@@ -163,7 +165,8 @@ def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
                                    task.sampler.untempered()), state, mesh)
 
   def evaluate(at: int, state) -> dict[str, float]:
-    batch = sharding.shard_batch(task.batch(at, loop.eval_batch_size // 2), mesh)
+    rows = getattr(task, "eval_batch", task.batch)(at, loop.eval_batch_size // 2)
+    batch = sharding.shard_batch(rows, mesh)
     metrics, samples = jax.device_get(eval_fn(state, batch, eval_rng(loop.seed, at)))
     metrics = {k: float(v) for k, v in metrics.items()}
     if on_eval is not None:
@@ -208,6 +211,10 @@ def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
       if guard.requested:
         preempted = True
         break
+    if not last_eval and not preempted and on_eval is not None:
+      # Nothing was evaluated in this process (a finished run re-run): the
+      # final evaluation, so that the run still reports its result.
+      last_eval = evaluate(current, state)
     checkpointer.save(current, state, force=True)
   checkpointer.close()
   rate = (timed_steps * loop.batch_size / timed_seconds) if timed_seconds else 0.0

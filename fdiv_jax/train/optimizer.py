@@ -34,9 +34,9 @@ class OptimizerConfig:
     grad_accum_steps: micro-batches (train steps) per update, >= 1.
   """
   learning_rate: float = 1e-4
-  num_steps: int = 1
+  num_steps: int = 200
   lr_schedule: str = "constant"
-  warmup_steps: int = 0
+  warmup_steps: int = 10
   adam_b1: float = 0.9
   adam_b2: float = 0.999
   weight_decay: float = 0.0

@@ -105,8 +105,7 @@ def draw_from_mixture(model, target, sampler: sampling.SamplerConfig, params,
 def reported_divergences(d: divergences.Divergence) -> tuple[divergences.Divergence,
                                                             ...]:
   """KL(p‖π), KL(π‖p), TV, JS and the trained divergence (if not among them)."""
-  standard = tuple(divergences.get(n)
-                   for n in ("forward_kl", "reverse_kl", "tv", "js"))
+  standard = tuple(divergences.get(n) for n in divergences.STANDARD)
   return standard if d in standard else (*standard, d)
 
 

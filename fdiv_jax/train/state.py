@@ -52,6 +52,12 @@ class FDPGState(train_state.TrainState):
     return optimizer_lib.skipped_updates(self.opt_state)
 
 
+def evaluated_params(state: FDPGState) -> Any:
+  """The policy that evaluation reports: the Polyak average when the run keeps
+  one (`StepConfig.ema_decay > 0`), else the current parameters."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
 def create_state(model, params, *, step_config,
                  optimizer: optimizer_lib.OptimizerConfig | optax.GradientTransformation,
                  base_params=None, num_contexts: int = 1, seed: int = 0,

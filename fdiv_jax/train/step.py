@@ -48,7 +48,7 @@ from fdiv_jax.train import state as state_lib
 Array = jax.Array
 Metrics = dict[str, Array]
 MODES = ("online", "offline")
-PROPOSAL_METRICS = ("forward_kl", "reverse_kl", "tv", "js")
+PROPOSAL_METRICS = divergences.STANDARD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,9 @@ def make_train_step(config: StepConfig, model, target,
     # 7. Metrics.
     metrics = rollout.sample_metrics(d, target, x, log_model, state.log_partition)
     if config.offline:
-      updates.update(_proposal_update(config, state, new_state, x, log_model,
+      # π is scored with the parameters that would be installed as q.
+      log_new_model = jax.lax.stop_gradient(log_policy(new_state.params))
+      updates.update(_proposal_update(config, state, new_state, x, log_new_model,
                                       log_z, metrics))
     new_state = new_state.replace(**updates)
     metrics.update(
@@ -199,7 +201,12 @@ def make_train_step(config: StepConfig, model, target,
 
 def _proposal_update(config: StepConfig, state, new_state, x: rollout.Scored,
                      log_model: Array, log_z: Array, metrics: Metrics) -> dict:
-  """Offline DPG: replace q by π when π is closer to the target (windowed)."""
+  """Offline DPG: replace q by π when π is closer to the target (windowed).
+
+  `log_model` is log π of the batch under `new_state.params`, the parameters
+  that would become q. A metric that is +inf for both (reverse KL under a hard
+  constraint) would never compare: the run layer refuses that configuration.
+  """
   name = config.proposal_update_metric
   args = (x.log_target, x.log_q, log_z)
   policy_score = estimators.divergence(name, log_model, *args)

@@ -1,0 +1,619 @@
+r"""A study of several f's over seeds: what `python -m fdiv_jax.study` does.
+
+  python -m fdiv_jax.study --config=configs/toy_exact.py --workdir=DIR \
+      --divergences=forward_kl,reverse_kl,js,tv,hellinger,pearson_chi2,alpha:0.5 \
+      --seeds=0,1,2,3,4 [--config.<field>=<value> ...]
+
+Each (f, seed) pair is one `experiment.run` of a copy of the config with
+`divergence`, `alpha` (for an entry `alpha:<value>`) and `seed` set, in
+`DIR/<f>/seed<k>` (`<f>` is the divergence's metric name: `forward_kl`,
+`alpha_0.5`, ...); the overrides apply to every run. Before anything runs, every
+run's config is checked (`tasks.describe`), and so is every run already in DIR
+(its config must be this one): a bad value is a `ConfigError`, bad study flags
+or a DIR holding runs of another config a `StudyError`, and nothing is written.
+
+Resuming: a run whose `summary.json` exists is not run again, and a run stopped
+half-way resumes from its last checkpoint (`experiment.run` does that), so
+running the same command again finishes an interrupted study.
+
+The study directory receives, rewritten after every finished run (so a long
+study can be read while it runs):
+  study.md     a header (config, overrides, seeds, date); a table of the key
+               metrics, one row per f and the base model first, each cell
+               "mean ± std over seeds (n)"; a complete table of every scalar
+               metric common to all runs; the runs flagged by the evaluation
+  study.json   the per-run values and the aggregates (`aggregate`)
+  pareto.png   alignment against KL(π‖a) and against Distinct-2 (Self-BLEU when
+               there is no Distinct-2), one marker per f at the mean over seeds
+               with std error bars, the seeds faint behind, the base model
+
+Exact metrics (`exact/*`, enumerable toy tasks) are preferred where present.
+The logic is pure functions (`parse_divergences`, `parse_seeds`, `aggregate`,
+`render_markdown`, `plot_pareto`) apart from `plan`/`execute`/`run_study`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from fdiv_jax.core import divergences
+from fdiv_jax.run import reporting
+from fdiv_jax.run.config import ConfigError
+
+SUMMARY_FILE = "summary.json"
+STUDY_MD = "study.md"
+STUDY_JSON = "study.json"
+PARETO_PNG = "pareto.png"
+
+# Summary entries that are not metrics of the run.
+_NOT_METRICS = ("config", "base", "flags", "divergence", "preempted", "signal")
+# The column of the trained divergence: its key differs per row (`trained`).
+TRAINED = "<trained>"
+# (header, key) of the key table; the exact columns come first when present.
+SAMPLED_COLUMNS = (
+    ("alignment", "alignment"), ("KL(π‖a)", "kl_from_base"),
+    ("trained f", TRAINED), ("forward KL", "forward_kl"),
+    ("reverse KL", "reverse_kl"), ("JS", "js"), ("TV", "tv"),
+    ("Distinct-2", "distinct_2"), ("Self-BLEU", "self_bleu"))
+EXACT_COLUMNS = tuple((f"exact {header}", f"exact/{key}")
+                      for header, key in SAMPLED_COLUMNS[:7])
+
+
+class StudyError(ValueError):
+  """Bad study flags, or a study directory holding runs of another config."""
+
+
+# ----------------------------------------------------------------------------
+# Flags.
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One f of the study: a canonical divergence name and its alpha (or None)."""
+  name: str
+  alpha: float | None = None
+
+  @property
+  def divergence(self) -> divergences.Divergence:
+    params = {} if self.alpha is None else {"alpha": self.alpha}
+    return divergences.get(self.name, **params)
+
+  @property
+  def label(self) -> str:
+    """The metric name (`js`, `alpha_0.5`): the run directory and table row."""
+    return self.divergence.metric_name
+
+
+def parse_divergences(text: str) -> tuple[Choice, ...]:
+  """``"forward_kl,js,alpha:0.5"`` → choices; aliases become canonical names.
+
+  Raises:
+    StudyError: no entry, an empty entry, an unknown name, `alpha` without
+      its value (``alpha:0.5``), a value on another f, or the same f twice.
+  """
+  entries = [e.strip() for e in (text or "").split(",")]
+  if entries == [""]:
+    raise StudyError("--divergences: no divergence given (e.g. "
+                     "--divergences=forward_kl,reverse_kl,js,tv,alpha:0.5).")
+  choices, seen = [], {}
+  for entry in entries:
+    if not entry:
+      raise StudyError(f"--divergences={text!r}: an empty entry.")
+    name, sep, value = (part.strip() for part in entry.partition(":"))
+    canonical = divergences.ALIASES.get(name, name)
+    if canonical not in divergences.NAMES:
+      try:
+        divergences.get(name)
+      except ValueError as e:
+        raise StudyError(f"--divergences: {e}") from None
+    if canonical == "alpha":
+      if not sep:
+        raise StudyError(f"--divergences: {entry!r} needs its alpha, e.g. alpha:0.5.")
+      try:
+        alpha = float(value)
+      except ValueError:
+        raise StudyError(f"--divergences: {entry!r}: alpha {value!r} is not a "
+                         "number.") from None
+      try:
+        divergences.get("alpha", alpha=alpha)
+      except ValueError as e:
+        raise StudyError(f"--divergences: {entry!r}: {e}") from None
+      choice = Choice("alpha", alpha)
+    else:
+      if sep:
+        raise StudyError(f"--divergences: {entry!r}: only alpha takes a value "
+                         "(alpha:<value>).")
+      choice = Choice(canonical)
+    if choice.label in seen:
+      raise StudyError(f"--divergences: {entry!r} is {seen[choice.label]!r} again.")
+    seen[choice.label] = entry
+    choices.append(choice)
+  return tuple(choices)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """``"0,1,2"`` → (0, 1, 2). Raises `StudyError`: none, not an integer, twice."""
+  entries = [e.strip() for e in (text or "").split(",")]
+  if entries == [""]:
+    raise StudyError("--seeds: no seed given (e.g. --seeds=0,1,2).")
+  seeds = []
+  for entry in entries:
+    try:
+      seed = int(entry)
+    except ValueError:
+      raise StudyError(f"--seeds={text!r}: {entry!r} is not an integer.") from None
+    if seed in seeds:
+      raise StudyError(f"--seeds={text!r}: seed {seed} twice.")
+    seeds.append(seed)
+  return tuple(seeds)
+
+
+# ----------------------------------------------------------------------------
+# Running.
+
+
+@dataclasses.dataclass
+class Run:
+  """One (f, seed) run of a study."""
+  label: str
+  seed: int
+  workdir: str
+  config: Any                     # its ConfigDict
+  config_json: dict[str, Any]     # as `experiment.run` records it
+
+  @property
+  def name(self) -> str:
+    return f"{self.label} seed {self.seed}"
+
+  @property
+  def summary_path(self) -> str:
+    return os.path.join(self.workdir, SUMMARY_FILE)
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(self.summary_path)
+
+
+def run_config(config, choice: Choice, seed: int):
+  """A copy of `config` with the divergence, its alpha and the seed set (the
+  original is untouched; references inside the copy follow the new values)."""
+  c = copy.deepcopy(config)
+  c.divergence = choice.name
+  if choice.alpha is not None:
+    c.alpha = float(choice.alpha)
+  c.seed = int(seed)
+  return c
+
+
+def _differences(a: Any, b: Any, path: str = "config") -> list[str]:
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    out = []
+    for key in sorted(set(a) | set(b)):
+      out += _differences(a.get(key), b.get(key), f"{path}.{key}")
+    return out
+  return [] if a == b else [f"{path}: {b!r} there, {a!r} now"]
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def plan(config, choices: Sequence[Choice], seeds: Sequence[int],
+         workdir: str) -> list[Run]:
+  """Every run of the study, each config checked; writes nothing.
+
+  Raises:
+    ConfigError: a run's config has a bad value (the message names the run).
+    StudyError: a run directory in `workdir` holds a run of another config
+      (finished: its summary.json; started: its config.json).
+  """
+  from fdiv_jax.run import tasks  # pylint: disable=g-import-not-at-top
+  if not choices:
+    raise StudyError("--divergences: no divergence given.")
+  if not seeds:
+    raise StudyError("--seeds: no seed given.")
+  runs = []
+  for choice in choices:
+    for seed in seeds:
+      c = run_config(config, choice, seed)
+      try:
+        spec = tasks.describe(c)
+      except ConfigError as e:
+        raise ConfigError(f"{choice.label} seed {seed}: {e}") from e
+      runs.append(Run(choice.label, seed,
+                      os.path.join(workdir, choice.label, f"seed{seed}"), c,
+                      json.loads(spec.config_json)))
+  for run in runs:
+    path = run.summary_path if run.done else os.path.join(run.workdir, "config.json")
+    if not os.path.exists(path):
+      continue
+    try:
+      recorded = _read_json(path)
+    except (OSError, json.JSONDecodeError) as e:
+      raise StudyError(f"{run.name}: cannot read {path}: {e}") from None
+    if run.done:
+      recorded = recorded.get("config", {})
+    diff = _differences(run.config_json, recorded)
+    if diff:
+      raise StudyError(
+          f"{run.name}: {path} is a run of another config ({'; '.join(diff[:5])}"
+          f"{'; ...' if len(diff) > 5 else ''}). Use another --workdir, or remove "
+          f"{run.workdir} to run it again.")
+  return runs
+
+
+class Stopped(Exception):
+  """A run was stopped by a signal (its checkpoint is saved)."""
+
+  def __init__(self, run: Run, signal: str):
+    super().__init__(f"{run.name} stopped by {signal}; run the same command "
+                     "again to resume the study.")
+    self.run = run
+    self.signal = signal
+
+
+def execute(runs: Sequence[Run], run_fn: Callable[[Any, str], Mapping[str, Any]],
+            *, on_done: Callable[[list[tuple[Run, dict]]], None] | None = None,
+            log: Callable[[str], None] = print) -> list[tuple[Run, dict]]:
+  """Runs what has no summary.json yet (`run_fn(config, workdir)`, e.g.
+  `experiment.run`); returns every (run, summary), read from summary.json.
+
+  `on_done(finished so far)` is called after each run that ran. Raises
+  `Stopped` when a run returns a preempted summary (SIGINT / SIGTERM).
+  """
+  finished = [(run, _read_json(run.summary_path)) for run in runs if run.done]
+  todo = [run for run in runs if not run.done]
+  if finished:
+    log(f"study: {len(finished)} of {len(runs)} runs already finished (not run "
+        f"again): {', '.join(run.name for run, _ in finished)}.")
+  for i, run in enumerate(todo, start=1):
+    log(f"study: [{i}/{len(todo)}] {run.name} in {run.workdir}")
+    result = run_fn(run.config, run.workdir)
+    if result.get("preempted"):
+      raise Stopped(run, result.get("signal", "a signal"))
+    finished.append((run, _read_json(run.summary_path)))
+    if on_done is not None:
+      on_done(finished)
+  order = {(run.label, run.seed): i for i, run in enumerate(runs)}
+  return sorted(finished, key=lambda rs: order[(rs[0].label, rs[0].seed)])
+
+
+# ----------------------------------------------------------------------------
+# Aggregation.
+
+
+def run_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+  """The scalar metrics of a summary (nested ones flattened with "/"), without
+  the config, the base model, the flags and the divergence's name."""
+  return reporting.scalars({k: v for k, v in summary.items() if k not in _NOT_METRICS})
+
+
+def _stats(values: Mapping[int, float]) -> dict[str, Any]:
+  """Mean and sample standard deviation (ddof 1; NaN below two values, or when
+  a value is not finite) over seeds."""
+  x = np.asarray(list(values.values()), dtype=np.float64)
+  n = int(x.size)
+  mean = float(np.mean(x)) if n else math.nan
+  std = (float(np.std(x, ddof=1)) if n > 1 and np.all(np.isfinite(x))
+         else math.nan)
+  return {"mean": mean, "std": std, "n": n,
+          "values": {str(seed): float(v) for seed, v in values.items()}}
+
+
+def aggregate(records: Sequence[tuple[str, int, Mapping[str, Any]]]) -> dict[str, Any]:
+  """Aggregates the summaries of a study over seeds.
+
+  Args:
+    records: (label, seed, summary) per run; rows keep the order of first
+      appearance of each label.
+
+  Returns:
+    {"divergences": [labels], "seeds": {label: [seeds]},
+     "trained": {label: the key of the trained divergence ("js", "alpha_0.5")},
+     "runs": [{"divergence", "seed", "metrics", "flags"}],
+     "aggregates": {label: {metric: {"mean", "std", "n", "values": {seed: v}}}}
+       (a metric missing from a run is aggregated over the runs that have it:
+       n says how many),
+     "base": {metric: {...}} over seeds, the base model of each seed taken
+       from its first run,
+     "common": the metrics present in every run (sorted),
+     "exact": whether any run has exact/* metrics,
+     "flagged": [{"divergence", "seed", "flags"}] of the runs with flags}.
+  """
+  labels = list(dict.fromkeys(label for label, _, _ in records))
+  per_label: dict[str, dict[int, dict[str, float]]] = {label: {} for label in labels}
+  seeds: dict[str, list[int]] = {label: [] for label in labels}
+  trained: dict[str, str] = {}
+  base_by_seed: dict[int, dict[str, float]] = {}
+  runs, flagged = [], []
+  for label, seed, summary in records:
+    if seed in per_label[label]:
+      raise ValueError(f"{label} seed {seed} twice")
+    metrics = run_metrics(summary)
+    per_label[label][seed] = metrics
+    seeds[label].append(seed)
+    trained.setdefault(label, str(summary.get("divergence", label)))
+    if isinstance(summary.get("base"), Mapping) and seed not in base_by_seed:
+      base_by_seed[seed] = run_metrics(summary["base"])
+    flags = [str(f) for f in summary.get("flags") or []]
+    runs.append({"divergence": label, "seed": seed, "metrics": metrics,
+                 "flags": flags})
+    if flags:
+      flagged.append({"divergence": label, "seed": seed, "flags": flags})
+
+  def stats_of(by_seed: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    keys = list(dict.fromkeys(k for m in by_seed.values() for k in m))
+    return {k: _stats({s: m[k] for s, m in by_seed.items() if k in m}) for k in keys}
+
+  all_metrics = [m for by_seed in per_label.values() for m in by_seed.values()]
+  common = sorted(set.intersection(*map(set, all_metrics))) if all_metrics else []
+  return {
+      "divergences": labels, "seeds": seeds, "trained": trained, "runs": runs,
+      "aggregates": {label: stats_of(per_label[label]) for label in labels},
+      "base": stats_of(base_by_seed), "common": common,
+      "exact": any(k.startswith("exact/") for m in all_metrics for k in m),
+      "flagged": flagged}
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def format_cell(stats: Mapping[str, Any] | None) -> str:
+  """"0.487 ± 0.012 (5)": mean ± std over seeds (n), the digits set by the std;
+  "—" when there is no value."""
+  if not stats or not stats.get("n"):
+    return "—"
+  mean, std, n = stats["mean"], stats["std"], stats["n"]
+  if n > 1 and math.isfinite(std) and std > 0:
+    text = reporting.format_estimate(mean, std)
+  elif n > 1 and std == 0:
+    text = f"{reporting.format_estimate(mean)} ± 0"
+  else:
+    text = reporting.format_estimate(mean)
+  return f"{text} ({n})"
+
+
+def key_columns(study: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+  """(header, key) of the key table: the exact columns first on exact tasks."""
+  return (EXACT_COLUMNS + SAMPLED_COLUMNS) if study["exact"] else SAMPLED_COLUMNS
+
+
+def _key(key: str, trained: str | None) -> str | None:
+  if TRAINED not in key:
+    return key
+  return None if trained is None else key.replace(TRAINED, trained)
+
+
+def _escape(text: str) -> str:
+  return str(text).replace("|", "\\|")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(map(_escape, header)) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+  lines += ["| " + " | ".join(map(_escape, row)) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def key_table(study: Mapping[str, Any]) -> str:
+  """The key metrics: one row per f (the base model first), "mean ± std (n)"."""
+  columns = key_columns(study)
+  rows = [["base model a", *(format_cell(study["base"].get(k)) if TRAINED not in k
+                             else "—" for _, k in columns)]]
+  for label in study["divergences"]:
+    agg = study["aggregates"][label]
+    rows.append([f"`{label}`", *(format_cell(agg.get(_key(k, study["trained"][label])))
+                                 for _, k in columns)])
+  return _md_table(["f", *(h for h, _ in columns)], rows)
+
+
+def _ordered_metrics(study: Mapping[str, Any]) -> list[str]:
+  """The metrics common to every run, key metrics first, without `*_se`."""
+  common = [k for k in study["common"] if not k.endswith("_se")]
+  first = [k for _, k in key_columns(study) if k in common]
+  return first + [k for k in common if k not in first]
+
+
+def complete_table(study: Mapping[str, Any]) -> str:
+  """Every scalar metric common to all runs: a row per metric, a column per f."""
+  rows = []
+  for metric in _ordered_metrics(study):
+    rows.append([f"`{metric}`", format_cell(study["base"].get(metric)) if metric in
+                 study["base"] else "",
+                 *(format_cell(study["aggregates"][label].get(metric))
+                   for label in study["divergences"])])
+  return _md_table(["metric", "base model a", *(f"`{l}`" for l in study["divergences"])],
+                   rows)
+
+
+def render_markdown(study: Mapping[str, Any], *, config: str,
+                    overrides: Sequence[str] = (), seeds: Sequence[int] = (),
+                    date: str = "", workdir: str = "", planned: int | None = None
+                    ) -> str:
+  """study.md: header, key table, complete table, flagged runs.
+
+  Args:
+    study: `aggregate`'s result.
+    config: the config file (as given to --config).
+    overrides: the `--config.<field>=<value>` flags, applied to every run.
+    seeds: the seeds of the study.
+    date: when the report was written.
+    workdir: the study directory (named in the header).
+    planned: the number of runs of the study; when more than have finished,
+      the header says the study is still running.
+  """
+  n_runs = len(study["runs"])
+  lines = [f"# f-divergence study: `{config}`", ""]
+  lines.append(f"- Config: `{config}`" + (f", in `{workdir}`" if workdir else ""))
+  lines.append("- Overrides (every run): " + (
+      ", ".join(f"`{o}`" for o in overrides) if overrides else "none"))
+  lines.append(f"- Divergences: {', '.join(f'`{l}`' for l in study['divergences'])}")
+  lines.append(f"- Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per divergence)")
+  if date:
+    lines.append(f"- Date: {date}")
+  status = f"{n_runs} runs"
+  if planned is not None and planned > n_runs:
+    status = f"{n_runs} of {planned} runs finished (the study is still running)"
+  lines.append(f"- Runs: {status}; metrics are "
+               + ("exact (by enumeration) where the column says `exact`, the "
+                  "others estimated" if study["exact"] else "estimated")
+               + " on fresh samples at the end of each run (`summary.json`).")
+  lines += [
+      "", "Each cell: mean ± standard deviation over seeds (number of runs). "
+      "*Alignment*: E_π[b] (or the reward); *KL(π‖a)*: the distance from the base "
+      "model; *trained f*: the row's own D_f(π‖p) (`" + "`, `".join(
+          f"{l}` → `{study['trained'][l]}" for l in study["divergences"]) + "`); "
+      "*forward KL* = KL(p‖π), *reverse KL* = KL(π‖p), *JS* and *TV*: to the "
+      "target p. The base model row is a at each seed.", "",
+      "## Key metrics", "", key_table(study), "",
+      "## Every metric", "",
+      "Every scalar metric of every run's `summary.json` (standard errors "
+      "`*_se` of single runs are in `study.json`).", "",
+      complete_table(study), "", "## Flagged runs", ""]
+  flagged = study["flagged"]
+  lines.append(f"{len(flagged)} of {n_runs} runs flagged by the evaluation"
+               + (":" if flagged else "."))
+  if flagged:
+    lines.append("")
+    lines += [f"- `{f['divergence']}` seed {f['seed']}: " + "; ".join(f["flags"])
+              for f in flagged]
+  lines += ["", f"Pareto plot: [`{PARETO_PNG}`]({PARETO_PNG}).", ""]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Pareto plot.
+
+
+def _pick(study: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+  """The first key present in some run (exact before sampled)."""
+  for key in keys:
+    if any(key in agg for agg in study["aggregates"].values()):
+      return key
+  return None
+
+
+def _finite(*values: float) -> bool:
+  return all(v is not None and math.isfinite(v) for v in values)
+
+
+def _err(stats: Mapping[str, Any]) -> float:
+  return stats["std"] if math.isfinite(stats["std"]) else 0.0
+
+
+def plot_pareto(study: Mapping[str, Any], path: str) -> str:
+  """pareto.png: alignment (y) against KL(π‖a), and against Distinct-2 (or
+  Self-BLEU), one marker per f at its mean over seeds with std error bars,
+  each seed faint behind, the base model as a black star. Returns `path`."""
+  y_key = _pick(study, ("exact/alignment", "alignment"))
+  panels = ((_pick(study, ("exact/kl_from_base", "kl_from_base")), "KL(π‖a), nats"),
+            (_pick(study, ("distinct_2", "self_bleu")), None))
+  fig = Figure(figsize=(11.0, 4.6), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 2)
+  markers = "osD^vP<>Xph"
+  colors = [f"C{i}" for i in range(10)]
+  for ax, (x_key, x_label) in zip(axes, panels):
+    ax.grid(alpha=0.3)
+    ax.set_ylabel(y_key or "alignment")
+    ax.set_xlabel(x_label and x_key and f"{x_key}: {x_label}" or x_key or "")
+    if x_key is None or y_key is None:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+      continue
+    ax.set_title(f"{'exact ' if y_key.startswith('exact/') else ''}alignment vs "
+                 f"{x_key}")
+    for i, label in enumerate(study["divergences"]):
+      agg = study["aggregates"][label]
+      if x_key not in agg or y_key not in agg:
+        continue
+      style = {"color": colors[i % len(colors)], "marker": markers[i % len(markers)]}
+      xs, ys = agg[x_key]["values"], agg[y_key]["values"]
+      seed_points = [(xs[s], ys[s]) for s in xs if s in ys and _finite(xs[s], ys[s])]
+      if seed_points:
+        ax.scatter(*zip(*seed_points), s=18, alpha=0.25, linewidths=0, **style)
+      x, y = agg[x_key], agg[y_key]
+      if _finite(x["mean"], y["mean"]):
+        ax.errorbar(x["mean"], y["mean"], xerr=_err(x), yerr=_err(y), ms=8,
+                    capsize=3, linestyle="none", label=label, **style)
+    base = study["base"]
+    if x_key in base and y_key in base and _finite(base[x_key]["mean"],
+                                                   base[y_key]["mean"]):
+      ax.errorbar(base[x_key]["mean"], base[y_key]["mean"], xerr=_err(base[x_key]),
+                  yerr=_err(base[y_key]), color="black", marker="*", ms=13,
+                  capsize=3, linestyle="none", label="base model a")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize="small")
+  fig.suptitle("f-DPG: alignment against the distance from a and diversity "
+               "(mean ± std over seeds; faint: single seeds)", fontsize="medium")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+# ----------------------------------------------------------------------------
+# The study.
+
+
+def write_report(workdir: str, finished: Sequence[tuple[Run, Mapping[str, Any]]], *,
+                 config: str, overrides: Sequence[str], seeds: Sequence[int],
+                 planned: int | None = None, date: str | None = None
+                 ) -> dict[str, Any]:
+  """Writes study.md, study.json and pareto.png of the finished runs."""
+  study = aggregate([(run.label, run.seed, summary) for run, summary in finished])
+  date = date or datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  meta = {"config": config, "overrides": list(overrides), "seeds": list(seeds),
+          "date": date, "planned_runs": planned,
+          "run_dirs": {f"{run.label}/seed{run.seed}": run.workdir
+                       for run, _ in finished}}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, STUDY_MD), "w", encoding="utf-8") as f:
+    f.write(render_markdown(study, config=config, overrides=overrides, seeds=seeds,
+                            date=date, workdir=workdir, planned=planned))
+  with open(os.path.join(workdir, STUDY_JSON), "w", encoding="utf-8") as f:
+    json.dump({**meta, **study}, f, indent=2, allow_nan=True)
+  plot_pareto(study, os.path.join(workdir, PARETO_PNG))
+  return study
+
+
+def run_study(config, workdir: str, choices: Sequence[Choice], seeds: Sequence[int],
+              *, config_name: str, overrides: Sequence[str] = (),
+              run_fn: Callable[[Any, str], Mapping[str, Any]] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Plans (every config checked first), runs what is not finished, reports.
+
+  Returns `aggregate`'s result. Raises `ConfigError` / `StudyError` before
+  anything is written, `Stopped` when a run is stopped by a signal.
+  """
+  runs = plan(config, choices, seeds, workdir)
+  if run_fn is None:
+    from fdiv_jax.run import experiment  # pylint: disable=g-import-not-at-top
+    run_fn = experiment.run
+  report = dict(config=config_name, overrides=overrides, seeds=seeds,
+                planned=len(runs))
+  import jax  # pylint: disable=g-import-not-at-top
+  writes = jax.process_index() == 0  # one writer on a multi-host job
+
+  def write(done):
+    return (write_report(workdir, done, **report) if writes else aggregate(
+        [(run.label, run.seed, summary) for run, summary in done]))
+
+  finished = execute(runs, run_fn, log=log, on_done=write)
+  study = write(finished)
+  log(f"study: {len(finished)} runs; wrote {os.path.join(workdir, STUDY_MD)}, "
+      f"{STUDY_JSON} and {PARETO_PNG}; {len(study['flagged'])} runs flagged.\n\n"
+      + key_table(study))
+  return study
