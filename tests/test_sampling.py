@@ -348,3 +348,32 @@ def test_known_log_probs_refuse_truncated_warping():
     scoring.sequence_log_probs(model, params, prompts, lengths, tokens,
                                tokens >= 0, scoring.Warping(top_k=3),
                                known_token_log_probs=jnp.zeros(tokens.shape))
+
+
+@pytest.mark.parametrize("warp", [dict(top_k=2), dict(top_p=0.6),
+                                  dict(top_k=3, temperature=0.7)])
+def test_truncating_sampler_reports_the_mass_it_cannot_draw(warp):
+  """dropped_mass is the untempered model's mass outside the kept tokens at
+  every sampled step, checked against the full distribution."""
+  model = models.GPT2LM(models.GPT2Config(vocab_size=7, n_positions=16, n_layer=1,
+                                          n_head=2, n_embd=16))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  prompts, lengths = sampling.pad_prompts([[0], [0, 3]], pad_id=0)
+  config = sampling.SamplerConfig(max_new_tokens=5, eos_id=None, pad_id=0, **warp)
+  out = sampling.sample(model, params, jax.random.PRNGKey(1), prompts, lengths,
+                        config)
+  assert out.dropped_mass.shape == out.tokens.shape
+  plain = sampling.sample(model, params, jax.random.PRNGKey(1), prompts, lengths,
+                          sampling.SamplerConfig(max_new_tokens=5, pad_id=0))
+  assert plain.dropped_mass is None
+  for row in range(2):
+    full = jnp.concatenate([jnp.asarray(prompts[row, -lengths[row]:]),
+                            out.tokens[row]])[None]
+    logits = model.apply({"params": params}, full)[0]
+    start = int(lengths[row]) - 1
+    for n in range(5):
+      step_logits = logits[start + n]
+      kept = scoring.warp_logits(step_logits[None], config.warping)[0] > -jnp.inf
+      want = float(jnp.sum(jnp.where(kept, 0.0, jax.nn.softmax(step_logits))))
+      assert float(out.dropped_mass[row, n]) == pytest.approx(want, abs=2e-6)
+      assert want > 0 or bool(jnp.all(kept))

@@ -55,7 +55,7 @@ def test_parse_divergences():
     ("alpha:0.5,alpha:.5", "again"),
 ])
 def test_parse_divergences_rejects(text, message):
-  with pytest.raises(study.StudyError, match=None) as e:
+  with pytest.raises(study.StudyError) as e:
     study.parse_divergences(text)
   assert message in str(e.value), str(e.value)
 
@@ -88,12 +88,13 @@ def summary(divergence, alignment, kl, *, flags=(), exact=None, base_alignment=0
             **extra):
   s = {"alignment": alignment, "alignment_se": 0.01, "kl_from_base": kl,
        "forward_kl": 2 * kl, "reverse_kl": 3 * kl, "js": kl / 2, "tv": kl / 4,
-       divergence: kl / 8, "distinct_2": 0.5, "self_bleu": 0.2, "step": 10,
+       "distinct_2": 0.5, "self_bleu": 0.2, "step": 10,
        "divergence": divergence, "flags": list(flags),
        "lambda_fit": {"converged": True, "lambdas": [1.0, 2.0]},
        "base": {"alignment": base_alignment, "kl_from_base": 0.0,
                 "distinct_2": 0.9, "flags": ["base flag"]},
        "config": {"divergence": divergence, "num_steps": 10}}
+  s.setdefault(divergence, kl / 8)  # the trained f, when not one of the four
   if exact is not None:
     s["exact/alignment"] = exact
     s["base"]["exact/alignment"] = exact / 2
@@ -103,24 +104,25 @@ def summary(divergence, alignment, kl, *, flags=(), exact=None, base_alignment=0
 
 def hand_made_records():
   # js: alignment 0.1, 0.2, 0.6 → mean 0.3, std (ddof 1) sqrt(0.07).
-  # tv: alignment 0.5, 0.7, 0.9 → mean 0.7, std 0.2; seed 2 has no self_bleu.
+  # hellinger: alignment 0.5, 0.7, 0.9 → mean 0.7, std 0.2; its own f
+  # kl / 8 = 1, 2, 3; seed 2 has no self_bleu.
   records = [("js", 0, summary("js", 0.1, 1.0, base_alignment=0.1)),
              ("js", 1, summary("js", 0.2, 2.0, base_alignment=0.2,
                                flags=["low coverage"])),
              ("js", 2, summary("js", 0.6, 3.0, base_alignment=0.6)),
-             ("tv", 0, summary("tv", 0.5, 4.0, base_alignment=99.0)),
-             ("tv", 1, summary("tv", 0.7, 5.0, flags=["a", "b"])),
-             ("tv", 2, summary("tv", 0.9, 6.0))]
+             ("hellinger", 0, summary("hellinger", 0.5, 8.0, base_alignment=99.0)),
+             ("hellinger", 1, summary("hellinger", 0.7, 16.0, flags=["a", "b"])),
+             ("hellinger", 2, summary("hellinger", 0.9, 24.0))]
   del records[5][2]["self_bleu"]
   return records
 
 
 def test_aggregate_means_stds_missing_metrics_and_flags():
   s = study.aggregate(hand_made_records())
-  assert s["divergences"] == ["js", "tv"]
-  assert s["seeds"] == {"js": [0, 1, 2], "tv": [0, 1, 2]}
-  assert s["trained"] == {"js": "js", "tv": "tv"}
-  js, tv = s["aggregates"]["js"], s["aggregates"]["tv"]
+  assert s["divergences"] == ["js", "hellinger"]
+  assert s["seeds"] == {"js": [0, 1, 2], "hellinger": [0, 1, 2]}
+  assert s["trained"] == {"js": "js", "hellinger": "hellinger"}
+  js, tv = s["aggregates"]["js"], s["aggregates"]["hellinger"]
   assert js["alignment"]["mean"] == pytest.approx(0.3, rel=1e-12)
   assert js["alignment"]["std"] == pytest.approx(math.sqrt(0.07), rel=1e-12)
   assert js["alignment"]["n"] == 3
@@ -148,13 +150,15 @@ def test_aggregate_means_stds_missing_metrics_and_flags():
   # Not metrics: the config, the base, the flags, the divergence's name.
   assert not any(k.startswith(("config", "base", "flags")) or k == "divergence"
                  for k in s["common"])
-  assert "js" in js and "tv" not in s["common"]   # the trained f: one row each
+  assert tv["hellinger"]["mean"] == 2.0 and tv["hellinger"]["std"] == 1.0
+  assert "hellinger" not in js and "hellinger" not in s["common"]
   # The base model: one per seed, from the first run of that seed.
   assert s["base"]["alignment"]["mean"] == pytest.approx(0.3, rel=1e-12)
   assert s["base"]["alignment"]["n"] == 3
   # Flags.
   assert s["flagged"] == [{"divergence": "js", "seed": 1, "flags": ["low coverage"]},
-                          {"divergence": "tv", "seed": 1, "flags": ["a", "b"]}]
+                          {"divergence": "hellinger", "seed": 1,
+                           "flags": ["a", "b"]}]
   assert not s["exact"]
   assert len(s["runs"]) == 6 and s["runs"][1]["flags"] == ["low coverage"]
 
@@ -197,18 +201,18 @@ def test_markdown_tables():
                "Date: 2024-01-02T03:04:05", "mean ± standard deviation over seeds"):
     assert text in md, text
   tables = md.split("## ")
-  key, complete = tables[2], tables[3]
+  key, complete = tables[1], tables[2]
   header = key.splitlines()[2]
   assert header == ("| f | alignment | KL(π‖a) | trained f | forward KL | reverse KL |"
                     " JS | TV | Distinct-2 | Self-BLEU |")
   # Rows: the base model first, then one per f, each cell mean ± std (n).
   lines = [l for l in key.splitlines() if l.startswith("| ")]
   assert lines[1].startswith("| base model a |") and lines[2].startswith("| `js` |")
-  (js,), (tv,) = rows_of(key, "`js`"), rows_of(key, "`tv`")
+  (js,), (tv,) = rows_of(key, "`js`"), rows_of(key, "`hellinger`")
   assert js[1] == "0.30 ± 0.26 (3)"        # alignment
   assert js[2] == "2.0 ± 1.0 (3)"          # KL(π‖a)
-  assert js[3] == "0.25 ± 0.12 (3)"        # its own f: js = kl / 2
-  assert tv[3] == "1.25 ± 0.25 (3)"        # its own f: tv = kl / 4 (not kl / 8)
+  assert js[3] == "1.00 ± 0.50 (3)"        # its own f: js = kl / 2
+  assert tv[3] == "2.0 ± 1.0 (3)"          # its own f: hellinger = kl / 8
   assert js[4] == "4.0 ± 2.0 (3)"          # forward KL = 2 kl
   assert tv[1] == "0.70 ± 0.20 (3)"
   assert tv[9] == "0.2000 ± 0 (2)"          # Self-BLEU, missing from one run
@@ -216,19 +220,19 @@ def test_markdown_tables():
   assert base[1] == "0.30 ± 0.26 (3)" and base[3] == "—"
   # The complete table: a row per common metric, no standard errors, and not
   # the metric missing from a run.
-  assert complete.splitlines()[4] == "| metric | base model a | `js` | `tv` |"
+  assert complete.splitlines()[4] == "| metric | base model a | `js` | `hellinger` |"
   metrics = [l.split("|")[1].strip() for l in complete.splitlines()
              if l.startswith("| `")]
   assert metrics[:5] == ["`alignment`", "`kl_from_base`", "`forward_kl`",
                          "`reverse_kl`", "`js`"]
   assert "`step`" in metrics and "`lambda_fit/converged`" in metrics
   assert "`self_bleu`" not in metrics and "`alignment_se`" not in metrics
-  assert "`tv`" not in metrics  # the trained f of one row only
+  assert "`tv`" in metrics and "`hellinger`" not in metrics  # in one row only
   assert rows_of(complete, "`step`")[0][1:] == ["", "10.0000 ± 0 (3)",
                                                 "10.0000 ± 0 (3)"]
   # Flags: counted and listed.
   assert "2 of 6 runs flagged by the evaluation:" in md
-  assert "- `js` seed 1: low coverage" in md and "- `tv` seed 1: a; b" in md
+  assert "- `js` seed 1: low coverage" in md and "- `hellinger` seed 1: a; b" in md
   # A study still running says so.
   partial = study.render_markdown(s, config="c", seeds=(0, 1, 2), planned=9)
   assert "6 of 9 runs finished (the study is still running)" in partial
@@ -250,7 +254,7 @@ def test_markdown_exact_columns_first():
   (row,) = rows_of(md, "`alpha_0.5`")
   assert row[1] == "0.450 ± 0.071 (2)"     # exact/alignment 0.4, 0.5
   assert row[2] == "—"                     # no exact/kl_from_base in these runs
-  assert row[3] == "0.015 ± 0.0071 (2)"   # exact/alpha_0.5: 0.01, 0.02
+  assert row[3] == "0.0150 ± 0.0071 (2)"  # exact/alpha_0.5: 0.01, 0.02
   (base,) = rows_of(md, "base model a")
   assert base[1] == "0.225 ± 0.035 (2)"    # the base's exact/alignment: halves
 

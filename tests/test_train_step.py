@@ -225,3 +225,10 @@ def test_eval_step_refuses_a_warped_sampler():
     eval_step_lib.make_eval_step(config.step, task.model, task.target, task.sampler)
   eval_step_lib.make_eval_step(config.step, task.model, task.target,
                                task.sampler.untempered())
+
+
+def test_a_truncated_proposal_reports_the_mass_it_misses():
+  truncated = _one_step_metrics(top_k=2)
+  assert 0.0 < truncated["truncated_mass"] < 1.0
+  assert truncated["truncated_mass"] <= truncated["truncated_sequence_mass"] < 1.0
+  assert "truncated_mass" not in _one_step_metrics(temperature=0.8)

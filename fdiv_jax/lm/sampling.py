@@ -68,6 +68,11 @@ class SamplerConfig:
   def warping(self) -> scoring.Warping:
     return scoring.Warping(self.temperature, self.top_k, self.top_p)
 
+  @property
+  def truncates(self) -> bool:
+    """Top-k or top-p: q = 0 on tokens where the model has mass."""
+    return self.top_k > 0 or self.top_p < 1.0
+
   def untempered(self) -> "SamplerConfig":
     """The same lengths and special ids without warping: samples of the model
     itself (what evaluation measures), temperature 1, no top-k, no top-p."""
@@ -83,12 +88,17 @@ class SampleOutput(NamedTuple):
     token_log_q: float32 [B, N]; log q of each token, 0 where mask is False.
     log_q: float32 [B]; ``token_log_q.sum(-1)``.
     lengths: int32 [B]; ``mask.sum(-1)``.
+    dropped_mass: float32 [B, N] when the sampler truncates (top-k, top-p):
+      the mass of the untempered model outside the kept tokens at each step,
+      the probability π would have put where q cannot go (0 off the mask);
+      None otherwise.
   """
   tokens: Array
   mask: Array
   token_log_q: Array
   log_q: Array
   lengths: Array
+  dropped_mass: Optional[Array] = None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -181,14 +191,24 @@ class _State(NamedTuple):
   tokens: Array
   mask: Array
   token_log_q: Array
+  dropped_mass: Optional[Array] = None   # [B, N] when the sampler truncates
 
 
 def _draw(state: _State, rng: Array, config: SamplerConfig):
   """Samples column ``state.step``; returns (state, fed token, fed mask)."""
+  warped = scoring.warp_logits(state.logits, config.warping)
   token, token_log_q = categorical_with_log_prob(
-      jax.random.fold_in(rng, state.step),
-      scoring.warp_logits(state.logits, config.warping))
+      jax.random.fold_in(rng, state.step), warped)
   active = ~state.done
+  if state.dropped_mass is not None:
+    # π's mass outside q's support: 1 − Σ_kept softmax(logits), in log space.
+    logits = state.logits.astype(jnp.float32)
+    log_all = jax.nn.logsumexp(logits, axis=-1)
+    log_kept = jax.nn.logsumexp(jnp.where(warped > -jnp.inf, logits, -jnp.inf),
+                                axis=-1)
+    dropped = jnp.where(active, -jnp.expm1(log_kept - log_all), 0.0)
+    state = state._replace(dropped_mass=jax.lax.dynamic_update_slice(
+        state.dropped_mass, dropped[:, None], (0, state.step)))
   token = jnp.where(active, token, config.pad_id)
   token_log_q = jnp.where(active, token_log_q, 0.0)
   done = state.done
@@ -262,7 +282,9 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
       done=jnp.zeros((batch,), bool),
       tokens=jnp.full((batch, num_new), config.pad_id, jnp.int32),
       mask=jnp.zeros((batch, num_new), bool),
-      token_log_q=jnp.zeros((batch, num_new), jnp.float32))
+      token_log_q=jnp.zeros((batch, num_new), jnp.float32),
+      dropped_mass=(jnp.zeros((batch, num_new), jnp.float32)
+                    if config.truncates else None))
   if not use_cache:
     state = state._replace(step=jnp.array(-1, jnp.int32))
     state = state._replace(logits=next_logits_uncached(state),
@@ -290,7 +312,8 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
   return SampleOutput(tokens=state.tokens, mask=state.mask,
                       token_log_q=state.token_log_q,
                       log_q=state.token_log_q.sum(axis=-1),
-                      lengths=state.mask.sum(axis=-1).astype(jnp.int32))
+                      lengths=state.mask.sum(axis=-1).astype(jnp.int32),
+                      dropped_mass=state.dropped_mass)
 
 
 def make_sampler(model, config: SamplerConfig, *, use_cache: bool = True):

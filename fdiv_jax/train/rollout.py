@@ -35,6 +35,7 @@ class Scored(NamedTuple):
   prompts: Array         # int32 [B, P]: the prompt of each sample
   prompt_lengths: Array  # int32 [B]
   context_ids: Array     # int32 [B]: which log Ẑ_c the sample belongs to
+  dropped_mass: Array | None = None  # [B, N]: π's mass q cannot draw (top-k/p)
 
 
 def context(batch) -> dict[str, Array]:
@@ -55,7 +56,7 @@ def draw_and_score(model, target, sampler: sampling.SamplerConfig, proposal_para
   log_target = target.log_prob(out.tokens, out.mask, log_base, context(batch))
   return Scored(out.tokens, out.mask, out.token_log_q, out.log_q, log_base,
                 jax.lax.stop_gradient(log_target), out.lengths, batch.prompts,
-                batch.prompt_lengths, batch.context_ids)
+                batch.prompt_lengths, batch.context_ids, out.dropped_mass)
 
 
 def draw_from_mixture(model, target, sampler: sampling.SamplerConfig, params,
@@ -190,6 +191,13 @@ def sample_metrics(d: divergences.Divergence, target, scored: Scored,
       log_p_over_q) / log_p_over_q.shape[0]
   metrics["ess_policy"] = estimators.effective_sample_size(
       log_model - scored.log_q) / log_p_over_q.shape[0]
+  if scored.dropped_mass is not None:
+    # A truncated proposal (top-k / top-p): how much of the model's mass it
+    # could not draw, per token, and along each sample (1 − Π_n (1 − m_n)).
+    m = scored.dropped_mass
+    metrics["truncated_mass"] = jnp.sum(m) / jnp.maximum(jnp.sum(scored.mask), 1)
+    metrics["truncated_sequence_mass"] = jnp.mean(
+        -jnp.expm1(jnp.sum(jnp.log1p(-jnp.minimum(m, 1.0)), axis=-1)))
   own = jnp.ones(ids.shape, bool) if strata is None else strata == 0
   metrics["mean_length"] = jnp.sum(jnp.where(own, scored.lengths, 0)) / jnp.maximum(
       jnp.sum(own), 1)
