@@ -178,3 +178,37 @@ def test_summary_table():
       "alignment  0.1000   0.9000",
       "js         0.5000",
   ]
+
+
+def test_plots_have_a_panel_per_quantity_with_error_bands_and_log_scales(
+    tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  with reporting.MetricWriter(workdir, tensorboard=False) as writer:
+    for step in range(0, 60, 10):
+      writer.write(step, {"train/forward_kl": 10.0 ** (-step / 20),
+                          "eval/forward_kl": 10.0 ** (-step / 20),
+                          "eval/forward_kl_se": 0.01,
+                          "eval/js": 0.3 - 0.001 * step, "eval/js_se": 0.02,
+                          "eval/exact/js": 0.29 - 0.001 * step})
+  axes = []
+  real_add = plots.Figure.add_subplot
+
+  def spy(fig, *args, **kwargs):
+    ax = real_add(fig, *args, **kwargs)
+    axes.append(ax)
+    return ax
+
+  monkeypatch.setattr(plots.Figure, "add_subplot", spy)
+  plots.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
+                     os.path.join(workdir, "plots"))
+  panels = {ax.get_title(): ax for ax in axes}
+  assert set(panels) == {"forward_kl", "js"}          # one panel per quantity
+  assert panels["forward_kl"].get_yscale() == "log"    # 1 … 3e-3: decades
+  assert panels["js"].get_yscale() == "linear"
+  # The band of ±1 standard error is drawn around the evaluation.
+  assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+             for c in panels["js"].collections)
+  labels = [line.get_label() for line in panels["js"].get_lines()]
+  assert "exact" in labels and "eval" in labels
+  assert plots.spans_decades(np.array([1.0, 0.005]))
+  assert not plots.spans_decades(np.array([1.0, -0.5, 0.001]))
