@@ -123,7 +123,9 @@ def draw_proposals(task, params, rng: Array, *, num_samples: int, batch_size: in
   π is untempered (`task.sampler.untempered()`); the prompts are those of
   `task.batch(0, batch_size)`, `task.batch(1, batch_size)`, ..., the last
   batch cut to `num_samples` rows. One jitted function samples and scores
-  every batch (compiled once: every batch has `batch_size` rows).
+  every batch (compiled once: every batch has `batch_size` rows; with a
+  hashable model, target and sampler, as the library's are, once per process
+  for the same ones and shapes).
 
   Args:
     task: has `model`, `target`, `sampler`, `base_params` and
@@ -141,15 +143,11 @@ def draw_proposals(task, params, rng: Array, *, num_samples: int, batch_size: in
   model, target = task.model, task.target
   sampler = task.sampler.untempered()
   base = task.base_params if base_params is None else base_params
-
-  @jax.jit
-  def draw(params, base_params, batch, key):
-    x = rollout.draw_and_score(model, target, sampler, params, base_params,
-                               batch, key)
-    alignment = target.alignment(x.tokens, x.mask, rollout.context(x))
-    return (x.log_target, x.log_q, jnp.asarray(alignment, jnp.float32),
-            jnp.asarray(x.context_ids, jnp.int32))
-
+  try:   # hashable (as the library's are): reuse the compiled draw across calls
+    hash((model, target, sampler))
+    draw = functools.partial(_draw, model, target, sampler)
+  except TypeError:
+    draw = jax.jit(functools.partial(_draw.__wrapped__, model, target, sampler))
   chunks = []
   for i in range(math.ceil(num_samples / batch_size)):
     chunks.append(jax.device_get(draw(params, base, task.batch(i, batch_size),
@@ -158,6 +156,16 @@ def draw_proposals(task, params, rng: Array, *, num_samples: int, batch_size: in
                                        for x in zip(*chunks))
   return Proposals(log_target.astype(np.float32), log_q.astype(np.float32),
                    alignment.astype(np.float32), ids.astype(np.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _draw(model, target, sampler, params, base_params, batch, key):
+  """One batch x ~ π: (log P, log π, alignment, context ids), each [B]."""
+  x = rollout.draw_and_score(model, target, sampler, params, base_params, batch,
+                             key)
+  alignment = target.alignment(x.tokens, x.mask, rollout.context(x))
+  return (x.log_target, x.log_q, jnp.asarray(alignment, jnp.float32),
+          jnp.asarray(x.context_ids, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("num_contexts",))
@@ -173,7 +181,7 @@ def _per_context(log_target, log_proposal, alignment, context_ids, log_beta, *,
   # Z_β,c / Z_c = E_{p_c}[min(1, β/w)], self-normalised with weights w = P/π.
   kept = each(jnp.exp(jnp.minimum(log_beta - log_w, 0.0)), log_target,
               log_proposal)
-  alignment = each(alignment, capped, unit)
+  alignment = each(alignment, log_w, unit)
   counts = jax.ops.segment_sum(jnp.ones_like(log_w), context_ids,
                                num_segments=num_contexts)
   log_z = estimators.update_partition(estimators.init_partition(num_contexts),

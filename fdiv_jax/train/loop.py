@@ -188,16 +188,17 @@ def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
       state, metrics = step_fn(state, batch)
       current += 1
       if current == start + 1:
-        jax.block_until_ready(state.step)
+        jax.block_until_ready((state, metrics))
         compile_seconds = time.perf_counter() - t0
       else:
         timed_steps += 1
         timed_seconds += time.perf_counter() - t0
       if current > start + 1:
-        # Dispatch is asynchronous: wait for the step so that its time, and not
-        # that of the evaluation or checkpoint below, is what gets counted.
+        # Dispatch is asynchronous: wait for the whole step (all of its outputs:
+        # a small one such as the step counter can be ready long before the
+        # rest) so that its time, not that of later work, is what gets counted.
         t1 = time.perf_counter()
-        jax.block_until_ready(state.step)
+        jax.block_until_ready((state, metrics))
         timed_seconds += time.perf_counter() - t1
       if current % loop.log_every == 0 or current == num_steps:
         last_metrics = to_host(metrics)
