@@ -181,7 +181,7 @@ def _per_context(log_target, log_proposal, alignment, context_ids, log_beta, *,
   # Z_β,c / Z_c = E_{p_c}[min(1, β/w)], self-normalised with weights w = P/π.
   kept = each(jnp.exp(jnp.minimum(log_beta - log_w, 0.0)), log_target,
               log_proposal)
-  alignment = each(alignment, log_w, unit)
+  alignment = each(alignment, capped, unit)
   counts = jax.ops.segment_sum(jnp.ones_like(log_w), context_ids,
                                num_segments=num_contexts)
   log_z = estimators.update_partition(estimators.init_partition(num_contexts),
