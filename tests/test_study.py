@@ -259,6 +259,34 @@ def test_markdown_exact_columns_first():
   assert base[1] == "0.225 ± 0.035 (2)"    # the base's exact/alignment: halves
 
 
+def test_pareto_points():
+  kl_panel, diversity = study.pareto_points(study.aggregate(hand_made_records()))
+  assert (kl_panel["x"], kl_panel["y"]) == ("kl_from_base", "alignment")
+  assert (diversity["x"], diversity["y"]) == ("distinct_2", "alignment")
+  js, hellinger = kl_panel["points"]
+  assert js["label"] == "js" and hellinger["label"] == "hellinger"
+  assert (js["x"], js["xerr"]) == (2.0, 1.0)
+  assert js["y"] == pytest.approx(0.3) and js["yerr"] == pytest.approx(math.sqrt(0.07))
+  assert js["seeds"] == [(1.0, 0.1), (2.0, 0.2), (3.0, 0.6)]
+  assert diversity["points"][0]["x"] == 0.5 and diversity["points"][0]["xerr"] == 0
+  assert kl_panel["base"]["x"] == 0.0 and kl_panel["base"]["y"] == pytest.approx(0.3)
+  assert diversity["base"]["x"] == 0.9
+  # Exact keys preferred; Self-BLEU without Distinct-2; non-finite seeds left out.
+  records = [(l, k, summary(l, 0.5, [1.0, math.inf][k], exact=0.4 + 0.1 * k,
+                            **{"exact/kl_from_base": 0.1 * (k + 1)}))
+             for l in ("js", "tv") for k in (0, 1)]
+  for _, _, r in records:
+    del r["distinct_2"]
+  kl_panel, diversity = study.pareto_points(study.aggregate(records))
+  assert (kl_panel["x"], kl_panel["y"]) == ("exact/kl_from_base", "exact/alignment")
+  assert kl_panel["points"][1]["x"] == pytest.approx(0.15)
+  assert kl_panel["points"][1]["y"] == pytest.approx(0.45)
+  assert diversity["x"] == "self_bleu"
+  plain = study.pareto_points(study.aggregate([(l, k, summary(l, 0.5, [1.0, math.inf][k]))
+                                               for l in ("js",) for k in (0, 1)]))
+  assert plain[0]["points"][0]["seeds"] == [(1.0, 0.5)]
+
+
 def test_pareto_plot_is_written(tmp_path):
   s = study.aggregate(hand_made_records())
   path = study.plot_pareto(s, str(tmp_path / "sub" / "pareto.png"))
@@ -316,6 +344,20 @@ def test_run_study_runs_only_what_is_not_finished(tmp_path):
   study.run_study(config, str(tmp_path), choices, (0, 1), config_name="toy",
                   run_fn=fake_run(calls), log=logs.append)
   assert not calls
+
+
+def test_execute_reports_in_the_study_order(tmp_path):
+  config = load_config("toy_exact")
+  runs = study.plan(config, study.parse_divergences("js,tv"), (0, 1), str(tmp_path))
+  fake_run([])(runs[3].config, runs[3].workdir)   # tv seed 1 finished before
+  calls, reports = [], []
+  done = study.execute(runs, fake_run(calls), log=lambda _: None,
+                       on_done=lambda d: reports.append([r.name for r, _ in d]))
+  assert [c[2] for c in calls] == [0, 1, 0]
+  assert reports == [["js seed 0", "tv seed 1"],
+                     ["js seed 0", "js seed 1", "tv seed 1"],
+                     ["js seed 0", "js seed 1", "tv seed 0", "tv seed 1"]]
+  assert [s["config"]["seed"] for _, s in done] == [0, 1, 0, 1]
 
 
 def test_plan_checks_every_config_and_the_runs_already_there(tmp_path):
@@ -378,7 +420,7 @@ def test_study_end_to_end_and_resume(tmp_path, subprocess_env):
   workdir = tmp_path / "study"
   args = ["--config=configs/toy_exact.py:tiny", f"--workdir={workdir}",
           "--divergences=forward_kl,alpha:0.5", "--seeds=0,1",
-          "--config.eval_batch_size=16"]
+          "--config.num_samples_md=1"]  # compiles nothing new
   t0 = time.time()
   out = run_study_cli(args, subprocess_env)
   first = time.time() - t0
@@ -390,13 +432,13 @@ def test_study_end_to_end_and_resume(tmp_path, subprocess_env):
       summaries[label, seed] = json.load(f)
     assert summaries[label, seed]["divergence"] == label
     assert summaries[label, seed]["config"]["seed"] == seed
-    assert summaries[label, seed]["config"]["eval_batch_size"] == 16  # override
+    assert summaries[label, seed]["config"]["num_samples_md"] == 1  # override
   assert summaries["alpha_0.5", 1]["config"]["alpha"] == 0.5
   # study.json: the aggregates are the mean and std of the runs' values.
   with open(workdir / "study.json", encoding="utf-8") as f:
     report = json.load(f)
   assert report["divergences"] == ["forward_kl", "alpha_0.5"]
-  assert report["overrides"] == ["--config.eval_batch_size=16"]
+  assert report["overrides"] == ["--config.num_samples_md=1"]
   assert [(r["divergence"], r["seed"]) for r in report["runs"]] == runs
   for label in ("forward_kl", "alpha_0.5"):
     for metric in ("exact/alignment", "alignment", "exact/kl_from_base",
@@ -410,7 +452,7 @@ def test_study_end_to_end_and_resume(tmp_path, subprocess_env):
   # study.md: the header, a row per f with the exact columns, the flags.
   md = (workdir / "study.md").read_text(encoding="utf-8")
   assert "# f-divergence study: `configs/toy_exact.py:tiny`" in md
-  assert "`--config.eval_batch_size=16`" in md and "Seeds: 0, 1 (2 per" in md
+  assert "`--config.num_samples_md=1`" in md and "Seeds: 0, 1 (2 per" in md
   (row,) = rows_of(md, "`alpha_0.5`")
   assert row[1] == study.format_cell(report["aggregates"]["alpha_0.5"]["exact/alignment"])
   assert row[1].endswith("(2)") and "±" in row[1]

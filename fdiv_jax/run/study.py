@@ -29,7 +29,8 @@ study can be read while it runs):
 
 Exact metrics (`exact/*`, enumerable toy tasks) are preferred where present.
 The logic is pure functions (`parse_divergences`, `parse_seeds`, `aggregate`,
-`render_markdown`, `plot_pareto`) apart from `plan`/`execute`/`run_study`.
+`render_markdown`, `pareto_points`, `plot_pareto`), apart from the running
+(`plan`, `execute`, `run_study`).
 """
 
 from __future__ import annotations
@@ -273,6 +274,11 @@ def execute(runs: Sequence[Run], run_fn: Callable[[Any, str], Mapping[str, Any]]
   `on_done(finished so far)` is called after each run that ran. Raises
   `Stopped` when a run returns a preempted summary (SIGINT / SIGTERM).
   """
+  order = {(run.label, run.seed): i for i, run in enumerate(runs)}
+
+  def in_order(done):  # the study's order, whichever finished first
+    return sorted(done, key=lambda rs: order[(rs[0].label, rs[0].seed)])
+
   finished = [(run, _read_json(run.summary_path)) for run in runs if run.done]
   todo = [run for run in runs if not run.done]
   if finished:
@@ -285,9 +291,8 @@ def execute(runs: Sequence[Run], run_fn: Callable[[Any, str], Mapping[str, Any]]
       raise Stopped(run, result.get("signal", "a signal"))
     finished.append((run, _read_json(run.summary_path)))
     if on_done is not None:
-      on_done(finished)
-  order = {(run.label, run.seed): i for i, run in enumerate(runs)}
-  return sorted(finished, key=lambda rs: order[(rs[0].label, rs[0].seed)])
+      on_done(in_order(finished))
+  return in_order(finished)
 
 
 # ----------------------------------------------------------------------------
@@ -514,46 +519,78 @@ def _err(stats: Mapping[str, Any]) -> float:
   return stats["std"] if math.isfinite(stats["std"]) else 0.0
 
 
-def plot_pareto(study: Mapping[str, Any], path: str) -> str:
-  """pareto.png: alignment (y) against KL(π‖a), and against Distinct-2 (or
-  Self-BLEU), one marker per f at its mean over seeds with std error bars,
-  each seed faint behind, the base model as a black star. Returns `path`."""
+def _point(label: str, x: Mapping[str, Any], y: Mapping[str, Any]
+           ) -> dict[str, Any] | None:
+  seeds = [(x["values"][s], y["values"][s]) for s in x["values"]
+           if s in y["values"] and _finite(x["values"][s], y["values"][s])]
+  if not _finite(x["mean"], y["mean"]) and not seeds:
+    return None
+  return {"label": label, "x": x["mean"], "xerr": _err(x), "y": y["mean"],
+          "yerr": _err(y), "seeds": seeds}
+
+
+def pareto_points(study: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """What `plot_pareto` draws: two panels, each {"x": key, "y": key,
+  "points": [{"label", "x", "xerr", "y", "yerr", "seeds": [(x, y)]}] per f,
+  "base": the base model's point or None}. y is the alignment, x KL(π‖a) then
+  Distinct-2 (Self-BLEU without it), exact keys preferred; means over seeds,
+  errors the std over seeds (0 when undefined); non-finite values left out."""
   y_key = _pick(study, ("exact/alignment", "alignment"))
-  panels = ((_pick(study, ("exact/kl_from_base", "kl_from_base")), "KL(π‖a), nats"),
-            (_pick(study, ("distinct_2", "self_bleu")), None))
+  panels = []
+  for x_key in (_pick(study, ("exact/kl_from_base", "kl_from_base")),
+                _pick(study, ("distinct_2", "self_bleu"))):
+    points, base = [], None
+    if x_key is not None and y_key is not None:
+      for label in study["divergences"]:
+        agg = study["aggregates"][label]
+        if x_key in agg and y_key in agg:
+          point = _point(label, agg[x_key], agg[y_key])
+          if point is not None:
+            points.append(point)
+      if x_key in study["base"] and y_key in study["base"]:
+        base = _point("base model a", study["base"][x_key], study["base"][y_key])
+    panels.append({"x": x_key, "y": y_key, "points": points, "base": base})
+  return panels
+
+
+_X_UNITS = {"kl_from_base": "KL(π‖a), nats", "distinct_2": "Distinct-2",
+            "self_bleu": "Self-BLEU"}
+
+
+def plot_pareto(study: Mapping[str, Any], path: str) -> str:
+  """pareto.png (`pareto_points`): alignment (y) against KL(π‖a), and against
+  Distinct-2 (or Self-BLEU), one marker per f at its mean over seeds with std
+  error bars, each seed faint behind, the base model as a black star.
+  Returns `path`."""
   fig = Figure(figsize=(11.0, 4.6), dpi=100)
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, 2)
   markers = "osD^vP<>Xph"
-  colors = [f"C{i}" for i in range(10)]
-  for ax, (x_key, x_label) in zip(axes, panels):
+  order = {label: i for i, label in enumerate(study["divergences"])}
+  for ax, panel in zip(axes, pareto_points(study)):
+    x_key, y_key = panel["x"], panel["y"]
     ax.grid(alpha=0.3)
     ax.set_ylabel(y_key or "alignment")
-    ax.set_xlabel(x_label and x_key and f"{x_key}: {x_label}" or x_key or "")
-    if x_key is None or y_key is None:
+    ax.set_xlabel(f"{x_key}: {_X_UNITS[reporting.base_name(x_key)]}" if x_key
+                  else "")
+    if not panel["points"] and panel["base"] is None:
       ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
       continue
     ax.set_title(f"{'exact ' if y_key.startswith('exact/') else ''}alignment vs "
                  f"{x_key}")
-    for i, label in enumerate(study["divergences"]):
-      agg = study["aggregates"][label]
-      if x_key not in agg or y_key not in agg:
-        continue
-      style = {"color": colors[i % len(colors)], "marker": markers[i % len(markers)]}
-      xs, ys = agg[x_key]["values"], agg[y_key]["values"]
-      seed_points = [(xs[s], ys[s]) for s in xs if s in ys and _finite(xs[s], ys[s])]
-      if seed_points:
-        ax.scatter(*zip(*seed_points), s=18, alpha=0.25, linewidths=0, **style)
-      x, y = agg[x_key], agg[y_key]
-      if _finite(x["mean"], y["mean"]):
-        ax.errorbar(x["mean"], y["mean"], xerr=_err(x), yerr=_err(y), ms=8,
-                    capsize=3, linestyle="none", label=label, **style)
-    base = study["base"]
-    if x_key in base and y_key in base and _finite(base[x_key]["mean"],
-                                                   base[y_key]["mean"]):
-      ax.errorbar(base[x_key]["mean"], base[y_key]["mean"], xerr=_err(base[x_key]),
-                  yerr=_err(base[y_key]), color="black", marker="*", ms=13,
-                  capsize=3, linestyle="none", label="base model a")
+    for point in panel["points"]:
+      i = order[point["label"]]
+      style = {"color": f"C{i % 10}", "marker": markers[i % len(markers)]}
+      if point["seeds"]:
+        ax.scatter(*zip(*point["seeds"]), s=18, alpha=0.25, linewidths=0, **style)
+      if _finite(point["x"], point["y"]):
+        ax.errorbar(point["x"], point["y"], xerr=point["xerr"], yerr=point["yerr"],
+                    ms=8, capsize=3, linestyle="none", label=point["label"], **style)
+    base = panel["base"]
+    if base is not None and _finite(base["x"], base["y"]):
+      ax.errorbar(base["x"], base["y"], xerr=base["xerr"], yerr=base["yerr"],
+                  color="black", marker="*", ms=13, capsize=3, linestyle="none",
+                  label=base["label"])
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize="small")
   fig.suptitle("f-DPG: alignment against the distance from a and diversity "
