@@ -363,3 +363,9 @@ def fdpg_loss(d: divergences.Divergence | str,
       "num_clipped": jnp.sum(m & is_clipped(ell, clipped)),
   }
   return loss, aux
+
+
+# The offline preference losses (f-DPO, f-PO) live in `preference`, which uses
+# `log_ratio_bounds` and `masked_mean` above; imported last for that reason.
+from fdiv_jax.core.preference import (  # pylint: disable=wrong-import-position  # noqa: E402
+    fdpo_loss, fdpo_losses, fpo_loss, fpo_losses)
