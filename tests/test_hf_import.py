@@ -1,6 +1,8 @@
-"""Hugging Face GPT-2 import: logits parity with transformers (CPU torch)."""
+"""Hugging Face GPT-2 import and export: logits parity with transformers (CPU
+torch). The Llama-family checkpoints are tested in test_hf_families.py."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -99,14 +101,41 @@ def _edited_copy(src, dst, **changes):
 def test_wrong_architecture_or_shape_is_a_clear_error(hf_checkpoint,
                                                       tmp_path):
   path, _ = hf_checkpoint
+  bert = _edited_copy(path, tmp_path / "bert", model_type="bert")
+  with pytest.raises(ValueError,
+                     match="bert.config.json: .*'bert'.*not supported.*gpt2"):
+    models.load_hf_checkpoint(bert)
+  # A GPT-2 config relabelled as another supported family lacks its keys.
   llama = _edited_copy(path, tmp_path / "llama", model_type="llama")
-  with pytest.raises(ValueError, match="'llama'.*only GPT-2"):
+  with pytest.raises(ValueError, match="llama.config.json: A llama config "
+                     "needs hidden_size"):
     models.load_hf_checkpoint(llama)
   wide = _edited_copy(path, tmp_path / "wide", n_embd=64)
-  with pytest.raises(ValueError, match=r"Tensor '.+' has shape .+ expected"):
+  with pytest.raises(ValueError, match=r"wide.model.safetensors: Tensor "
+                     r"'transformer.h.0.attn.c_attn.bias' has shape \(96,\), "
+                     r"expected \(192,\)"):
     models.load_hf_checkpoint(wide)
   deeper = _edited_copy(path, tmp_path / "deeper", n_layer=3)
-  with pytest.raises(ValueError, match="no tensor 'h.2"):
+  with pytest.raises(ValueError, match="no tensor 'transformer.h.2"):
     models.load_hf_checkpoint(deeper)
+  shallower = _edited_copy(path, tmp_path / "shallower", n_layer=1)
+  with pytest.raises(ValueError, match="tensor 'transformer.h.1.+unexpected"):
+    models.load_hf_checkpoint(shallower)
   with pytest.raises(FileNotFoundError):
     models.load_hf_checkpoint(str(tmp_path))
+
+
+def test_export_round_trip(hf_checkpoint, tmp_path):
+  path, hf_model = hf_checkpoint
+  model, params = models.load_hf_checkpoint(path)
+  out = models.save_hf_checkpoint(model, params, str(tmp_path / "out"),
+                                  source=path)
+  assert os.path.isfile(os.path.join(out, "generation_config.json"))
+  again_model, again = models.load_hf_checkpoint(out)
+  assert again_model.config == model.config
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokens = np.random.default_rng(3).integers(0, 97, size=(2, 16))
+  diff = np.max(np.abs(_hf_logits(reloaded, tokens)
+                       - _hf_logits(hf_model, tokens)))
+  assert diff <= 2e-4, diff

@@ -1,20 +1,27 @@
 """Language models sharing one interface (see ``fdiv_jax.lm.models.base``).
 
-``GPT2LM`` (GPT-2 architecture with a KV cache), ``LSTMLM`` and
-``load_hf_checkpoint`` (local Hugging Face GPT-2 checkpoints, no PyTorch),
-``ModelSpec`` (which base model a run starts from, loaded on demand).
+``GPT2LM`` (GPT-2 architecture with a KV cache), ``DecoderLM`` (Llama,
+Mistral, Qwen2 and Qwen3 architectures with a KV cache), ``LSTMLM``;
+``load_hf_checkpoint`` / ``save_hf_checkpoint`` (local Hugging Face
+checkpoints of those families, no PyTorch), ``ModelSpec`` (which base model a
+run starts from, loaded on demand).
 """
 
 from fdiv_jax.lm.models.base import LanguageModel
+from fdiv_jax.lm.models.decoder import DecoderConfig
+from fdiv_jax.lm.models.decoder import DecoderLM
 from fdiv_jax.lm.models.gpt2 import GPT2Config
 from fdiv_jax.lm.models.gpt2 import GPT2LM
+from fdiv_jax.lm.models.hf_export import save_hf_checkpoint
 from fdiv_jax.lm.models.hf_import import config_from_hf
 from fdiv_jax.lm.models.hf_import import load_hf_checkpoint
+from fdiv_jax.lm.models.hf_import import SUPPORTED_MODEL_TYPES
 from fdiv_jax.lm.models.lstm import LSTMConfig
 from fdiv_jax.lm.models.lstm import LSTMLM
 from fdiv_jax.lm.models.spec import ModelSpec
 
 __all__ = [
-    "GPT2Config", "GPT2LM", "LSTMConfig", "LSTMLM", "LanguageModel",
-    "ModelSpec", "config_from_hf", "load_hf_checkpoint",
+    "DecoderConfig", "DecoderLM", "GPT2Config", "GPT2LM", "LSTMConfig",
+    "LSTMLM", "LanguageModel", "ModelSpec", "SUPPORTED_MODEL_TYPES",
+    "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",
 ]
