@@ -1,16 +1,32 @@
-r"""Quickstart: the CPU demo of f-DPG (a few minutes on 2 CPU cores).
+r"""Quickstart: the CPU demo of f-DPG (about 4.5 minutes on 2 CPU cores).
 
 Task. The base model a(x) is the shipped byte-level GPT-2 trained on fortune
 cookies (`fdiv_jax/data/pretrained`). The preference is a pointwise (hard)
 constraint, GDC-style: every sample must contain one of the words "love",
 "life", "man", "time", "money", "work", "never", "people", "world", "good",
 "you", "your", "know", "think" or "day" (whole words, any case; a host-side
-`word_list` feature; base rate 38% of 48-byte samples). With this small model
-JS levels off at 75-80% of samples after ~150 steps (reverse KL goes further,
-at several times the KL from the base model).
-The target is p(x) ∝ a(x)·b(x); the policy π starts from a and is trained by
-f-DPG with the Jensen–Shannon divergence (`divergence = "js"`; try
-"forward_kl" = DPG, "reverse_kl" = RL with a KL penalty, "tv", ...).
+`word_list` feature; base rate 35% of 48-byte samples). The target is
+p(x) ∝ a(x)·b(x); the policy π starts from a and is trained by f-DPG.
+
+Why the α-divergence with α = 0.75. Measured here on 1,024 evaluation samples
+(½ from π, ½ from a, so every weight is bounded), 400 steps, seed 0:
+
+  divergence      alignment       KL(π‖a)   its divergence to p: base → trained
+  js              0.791 ± 0.012   1.10      0.305 ± 0.010 → 0.222 ± 0.009
+  alpha 0.5       0.813 ± 0.011   1.19      1.625 ± 0.050 → 1.109 ± 0.043
+  alpha 0.75      0.903 ± 0.008   1.72      2.893 ± 0.078 → 1.360 ± 0.052
+  alpha 0.9       0.973 ± 0.004   2.41      6.76 ± 0.17   → 1.835 ± 0.066
+
+Amari's α-divergence moves from Hellinger-like (α = ½) toward reverse KL
+(α → 1, RLHF): the closer to 1, the more mode-seeking, the higher the alignment
+and the further π moves from a. JS levels off below 80% on this small model in
+the time budget. Reverse KL itself would align further, but under a hard
+constraint KL(π‖p) = +∞ for every π that keeps any mass on a violating sample,
+so its progress toward p cannot be measured; α < 1 keeps f'(∞) = 1/(1 − α) = 4
+finite, so a violated sample's pseudo-reward is a finite −4 and D_α(π‖p) is a
+finite number that falls during training. α = 0.75 reaches 90% (mean of
+seeds 0, 1, 2: 0.905, sd 0.011) at about 1.7 nats from a. Try "js",
+"forward_kl" (= DPG, most diverse), "reverse_kl" (= RL with a KL penalty).
 
 Run:
 
@@ -37,7 +53,8 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   """The quickstart config; ``size`` "tiny" shrinks it for tests."""
   c = config_lib.base_config()
   c.seed = 0
-  c.divergence = "js"
+  c.divergence = "alpha"
+  c.alpha = 0.75                  # see the module docstring
   c.num_steps = 400
   c.batch_size = 64
   c.max_new_tokens = 48
@@ -46,13 +63,13 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   c.warmup_steps = 10
   c.ema_decay = 0.95              # evaluate the Polyak average of the policy
   c.checkpoint_every = 100
-  c.eval_every = 50
-  c.eval_batch_size = 256
+  c.eval_every = 100
+  c.eval_batch_size = 1024        # 512 from π and 512 from a
   c.log_every = 10
   c.model.kind = "pretrained"     # the shipped demo model
   c.model.path = ""
   c.tokenizer = "byte"
-  # Base rate 38% of 48-byte samples (each word alone is 1-3%, "you" 16%).
+  # Base rate 35-38% of 48-byte samples (each word alone is 1-3%, "you" 16%).
   c.target.kind = "pointwise"
   c.target.features = (
       "word_list:words=love|life|man|time|money|work|never|people|world|good|"

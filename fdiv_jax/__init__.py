@@ -2,7 +2,8 @@
 
 The package is layered; each layer imports only the ones above it here:
 
-  core/     divergences, estimators, losses, baselines, qrs   JAX + NumPy only
+  core/     divergences, estimators, losses, preference,       JAX + NumPy only
+            uncertainty, baselines, qrs                        (+ chex)
   lm/       models, tokenization, output_layer, scoring,      + Flax
             sampling, enumeration, pretrain
   targets/  target EBMs, features, λ fitting, reward model    the core (+ Flax for
@@ -24,7 +25,8 @@ fdiv_jax.divergences``). To import *from* a module, name it in its layer:
 import importlib
 import sys
 
-from fdiv_jax.core import baselines, divergences, estimators, losses, qrs
+from fdiv_jax.core import (baselines, divergences, estimators, losses, preference,
+                           qrs, uncertainty)
 
 __version__ = "0.2.0"
 
@@ -46,7 +48,9 @@ _LAZY_SUBMODULES = {
 }
 
 for _name, _module in (("baselines", baselines), ("divergences", divergences),
-                       ("estimators", estimators), ("losses", losses), ("qrs", qrs)):
+                       ("estimators", estimators), ("losses", losses),
+                       ("preference", preference), ("qrs", qrs),
+                       ("uncertainty", uncertainty)):
   sys.modules.setdefault(f"fdiv_jax.{_name}", _module)
 
 
@@ -59,5 +63,5 @@ def __getattr__(name):
   raise AttributeError(f"module 'fdiv_jax' has no attribute {name!r}")
 
 
-__all__ = ["baselines", "divergences", "estimators", "losses", "qrs",
-           *_LAZY_SUBMODULES]
+__all__ = ["baselines", "divergences", "estimators", "losses", "preference", "qrs",
+           "uncertainty", *_LAZY_SUBMODULES]

@@ -159,3 +159,67 @@ def test_rerunning_a_finished_run_still_reports_it(tmp_path):
   with open(tmp_path / "samples.md", encoding="utf-8") as f:
     trained = f.read().split("**Trained**", 1)[1]
   assert "```text" in trained
+
+
+def _rare_feature_config(**target):
+  """toy_exact with a distributional target on a rare feature: x contains
+  the sequence 3 3 3 (about 1% of the base model's continuations)."""
+  config = load_config("toy_exact")
+  config.target.kind = "distributional"
+  config.target.reward = ""
+  config.target.features = ({"name": "contains_sequences",
+                             "sequences": ((3, 3, 3),)},)
+  config.target.moments = (0.5,)
+  for key, value in target.items():
+    config.target[key] = value
+  return config
+
+
+def test_a_rare_feature_is_never_a_silent_zero_divergence(tmp_path):
+  """With λ fixed (no fit to learn Z from) and 8 evaluation samples, none of
+  which shows the feature, the samples make p look like a: the step-0
+  evaluation must then be flagged rather than report a plain 0."""
+  config = _rare_feature_config(lambdas=(6.0,))
+  config.num_steps = 1
+  summary = main_lib.run(config, str(tmp_path))
+  base = summary["base"]
+  assert base["exact/js"] > 0.1              # the truth: a is far from p
+  if base["feature_max/contains_sequences"] == 0.0:
+    assert any("outside the sampled range" in f for f in base["flags"]), base
+  else:
+    assert base["js"] > 2 * base["js_se"]
+
+
+def test_the_lambda_fit_seeds_z_so_the_base_row_is_right(tmp_path):
+  """λ fitted on 4,096 samples of a: those samples seed the running Ẑ, and the
+  step-0 (base model) evaluation's divergences are positive, within a few
+  standard errors of the exact values by enumeration."""
+  config = _rare_feature_config(fit_samples=4096)
+  config.num_steps = 1
+  config.eval_batch_size = 256
+  summary = main_lib.run(config, str(tmp_path))
+  base = summary["base"]
+  assert summary["lambda_fit"]["converged"]
+  for name in ("js", "tv", "reverse_kl"):
+    value, se, exact = base[name], base[name + "_se"], base["exact/" + name]
+    assert exact > 0.05 and value > 0, (name, value, exact)
+    assert abs(value - exact) < 4 * se + 0.02, (name, value, se, exact)
+    # Positive beyond its error, or the evaluation says it cannot tell.
+    assert value > 2 * se or base["flags"], (name, value, se)
+
+
+def test_qrs_report_after_training_reaches_the_summary(tmp_path):
+  config = load_config("toy_exact")
+  config.qrs_samples = 64
+  summary = main_lib.run(config, str(tmp_path))
+  with open(tmp_path / "summary.json", encoding="utf-8") as f:
+    written = json.load(f)
+  assert written["qrs/num_samples"] == 64
+  for q in ("q0.5", "q0.9", "q1.0"):
+    for key in ("acceptance", "acceptance_se", "tv_bound", "alignment"):
+      assert f"qrs/{q}/{key}" in written, (q, key)
+    assert 0.0 < written[f"qrs/{q}/acceptance"] <= 1.0
+  # Raising β accepts less and bounds the TV distance tighter.
+  assert written["qrs/q0.5/acceptance"] >= written["qrs/q1.0/acceptance"]
+  assert written["qrs/q0.5/tv_bound"] >= written["qrs/q1.0/tv_bound"]
+  assert summary["qrs/num_samples"] == 64

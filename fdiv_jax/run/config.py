@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 128
   c.log_every = 10
   c.num_samples_md = 8           # samples per model written to samples.md
+  # > 0: after training, quasi-rejection sampling for p with the trained π as
+  # proposal on this many samples: acceptance rate, TV bound and alignment of
+  # the accepted samples at a few β quantiles (summary.json, qrs/*).
+  c.qrs_samples = 0
   # Objective (f-DPG).
   # Any name `divergences.get` accepts: forward_kl (kl), reverse_kl (rkl),
   # tv (total_variation), js (jensen_shannon), pearson_chi2, neyman_chi2,

@@ -20,8 +20,10 @@ The workdir receives:
   samples.md         base-model vs trained samples for the same prompts
   summary.json       the final evaluation metrics by name (alignment,
                      kl_from_base, the divergences, distinct_1/2/3, self_bleu,
-                     and exact/* on enumerable tasks), the base model's values
-                     under "base", and the config under "config"
+                     each with <name>_se, its standard error; exact/* on
+                     enumerable tasks; qrs/* with qrs_samples > 0), the
+                     coverage flags, the base model's values under "base",
+                     and the config under "config"
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   # Imported only once the config is known good: a bad value fails in about a
   # second instead of after loading plotting, TensorBoard and text metrics.
   # pylint: disable=g-import-not-at-top
-  from fdiv_jax.run import evaluation, plots, progress, reporting
+  import jax
+  from fdiv_jax.run import evaluation, plots, progress, qrs_report, reporting
   from fdiv_jax.train import loop
+  from fdiv_jax.train import state as state_lib
   # pylint: enable=g-import-not-at-top
   enable_compilation_cache()
   task = tasks.build(spec)  # may raise ConfigError; still nothing written
@@ -166,6 +170,12 @@ def run(config, workdir: str) -> dict[str, Any]:
              "wall_seconds": time.time() - t0, "divergence": divergence_key,
              "flags": evaluator.last_flags, "base": base,
              "config": json.loads(spec.config_json)}
+  if spec.qrs_samples:  # QRS for p with the trained π as proposal: qrs/*
+    summary.update(qrs_report.qrs_report(
+        task, state_lib.evaluated_params(result.state),
+        jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 3),
+        num_samples=spec.qrs_samples, batch_size=spec.loop.eval_batch_size // 2,
+        base_params=result.state.base_params))
   if task.lambda_fit is not None:
     fit = task.lambda_fit
     summary["lambda_fit"] = {"lambdas": list(map(float, fit.lambdas)),

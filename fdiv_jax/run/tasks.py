@@ -108,6 +108,7 @@ class RunSpec:
     target: the target's description (built on the tokenizer by ``build``).
     exact_metrics: enumerate the (toy) space for exact metrics.
     num_samples_md: samples per prompt and model written to samples.md.
+    qrs_samples: samples of the QRS report after training (0 = none).
     config_json: the config as JSON, for the workdir and the summary.
   """
   loop: loop_lib.LoopConfig
@@ -120,6 +121,7 @@ class RunSpec:
   target: targets_lib.TargetSpec
   exact_metrics: bool
   num_samples_md: int
+  qrs_samples: int
   config_json: str
 
 
@@ -193,10 +195,11 @@ def describe(config) -> RunSpec:
     target.build(decode=tokenizer.batch_decode, encode=tokenizer.encode)
 
   with _config_errors("exact_metrics", exact_metrics="exact_metrics",
-                      num_samples_md="num_samples_md",
+                      num_samples_md="num_samples_md", qrs_samples="qrs_samples",
                       allow_truncated_proposal="allow_truncated_proposal"):
     _values.boolean("exact_metrics", c.exact_metrics)
     _values.integer("num_samples_md", c.num_samples_md, minimum=0)
+    _values.integer("qrs_samples", c.qrs_samples, minimum=0)
     _values.boolean("allow_truncated_proposal", c.allow_truncated_proposal)
   if c.exact_metrics:
     _check_exact_metrics(model, prompts, sampler.max_new_tokens)
@@ -212,6 +215,7 @@ def describe(config) -> RunSpec:
   return RunSpec(loop=loop, step=step, optimizer=optimizer, sampler=sampler,
                  model=model, tokenizer=tokenizer, prompts=prompts, target=target,
                  exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,
+                 qrs_samples=c.qrs_samples,
                  config_json=c.to_json_best_effort(indent=2))
 
 
