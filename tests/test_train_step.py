@@ -232,3 +232,31 @@ def test_a_truncated_proposal_reports_the_mass_it_misses():
   assert 0.0 < truncated["truncated_mass"] < 1.0
   assert truncated["truncated_mass"] <= truncated["truncated_sequence_mass"] < 1.0
   assert "truncated_mass" not in _one_step_metrics(temperature=0.8)
+
+
+def test_evaluation_errors_match_the_spread_over_repeated_evaluations():
+  """The mixture evaluation on the toy task, 40 times with fresh samples: the
+  mean of each estimate is the exact value, and its reported standard error is
+  the spread of the estimates over the repetitions."""
+  config = toy_task.toy_config(eval_batch_size=512, divergence="hellinger")
+  task = toy_task.ToyTask(config, toy_task.toy_target("pointwise"))
+  # Some training first, so that π ≠ a and the mixture matters.
+  state, _, _ = run(task, config, 30)
+  exact = enumeration.exact_metrics(task.model, state.params, task.base_params,
+                                    task.target, task.prompt, task.support,
+                                    extra=(config.step.divergence,))
+  eval_fn = jax.jit(eval_step_lib.make_eval_step(config.step, task.model,
+                                                 task.target, task.sampler))
+  batch = task.batch(0, 256)
+  draws = [jax.device_get(eval_fn(state, batch, jax.random.PRNGKey(100 + i))[0])
+           for i in range(40)]
+  for name, want in (("hellinger", exact.divergences["hellinger"]),
+                     ("tv", exact.divergences["tv"]),
+                     ("alignment", exact.alignment),
+                     ("kl_from_base", exact.kl_from_base)):
+    values = np.array([float(m[name]) for m in draws])
+    errors = np.array([float(m[name + "_se"]) for m in draws])
+    spread = np.std(values, ddof=1)
+    assert abs(values.mean() - want) < 4 * spread / np.sqrt(40) + 0.01, (
+        name, values.mean(), want)
+    assert 0.6 * spread < errors.mean() < 1.6 * spread, (name, errors.mean(), spread)

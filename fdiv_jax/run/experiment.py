@@ -168,7 +168,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary = {**final, "step": result.step, "samples_per_second":
              result.samples_per_second, "compile_seconds": result.compile_seconds,
              "wall_seconds": time.time() - t0, "divergence": divergence_key,
-             "flags": evaluator.last_flags, "base": base,
+             "flags": evaluator.last_flags, "moment_targets": moment_targets,
+             "base": base,
              "config": json.loads(spec.config_json)}
   if spec.qrs_samples:  # QRS for p with the trained π as proposal: qrs/*
     summary.update(qrs_report.qrs_report(
