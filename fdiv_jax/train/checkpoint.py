@@ -12,22 +12,51 @@
     that cannot be restored raises `CheckpointError` naming the path — never a
     silent fresh start, and nothing already saved is deleted.
 
+Crashes, full disks and other runs' checkpoints:
+
+  - Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to
+    `<step>` once every file is written (an atomic rename on a POSIX file
+    system). A process killed mid-save leaves only that temporary directory:
+    it is never taken for a checkpoint (`is_temporary`), it is removed when
+    the directory is next opened, and the steps saved before are intact.
+  - A save that fails (a full disk, an unwritable directory) raises
+    `CheckpointError` naming the directory, the step and the cause; its
+    partial files are removed and the earlier checkpoints are left untouched.
+  - `identity`, a small JSON-able dict (the trained divergence, the model's
+    size, ...: `train.loop.run_identity`), is recorded with every step;
+    restoring a step recorded under another identity raises `CheckpointError`
+    naming the fields that differ, and deletes nothing.
+
 `PreemptionGuard` turns SIGTERM/SIGINT into a flag that the host loop checks
 after each step, so the last completed step is saved before the process exits.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint directory exists but cannot be restored."""
+  """A checkpoint cannot be restored (corrupt, another run's) or saved (a full
+  disk, an unwritable directory); the message names the directory."""
+
+
+# Orbax (0.11, 0.12) writes step N into "N.orbax-checkpoint-tmp" (some versions
+# add "-<timestamp>") and renames it to "N" when complete.
+TMP_MARKER = ".orbax-checkpoint-tmp"
+_IDENTITY_KEY = "fdiv_jax_run"
+
+
+def is_temporary(name: str) -> bool:
+  """True for the name of an unfinished (in-progress or crashed) Orbax save."""
+  return TMP_MARKER in name
 
 
 def abstract_like(state: Any) -> Any:
@@ -38,16 +67,32 @@ def abstract_like(state: Any) -> Any:
 class Checkpointer:
   """Saves and restores `FDPGState`s under `directory` (see module docstring)."""
 
-  def __init__(self, directory: str, save_every: int = 1, keep: int = 3):
+  def __init__(self, directory: str, save_every: int = 1, keep: int = 3,
+               identity: Mapping[str, Any] | None = None):
     self.directory = os.path.abspath(directory)
     self.save_every = int(save_every)
+    # Through JSON once, so that it compares equal to what a checkpoint records.
+    self.identity = (json.loads(json.dumps(dict(identity), sort_keys=True))
+                     if identity else None)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     try:
+      self._remove_unfinished()  # what a killed save left
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except Exception as e:  # noqa: BLE001 - any failure is reported with the path
       raise CheckpointError(f"Cannot open the checkpoint directory {self.directory}: "
                             f"{e}") from e
+
+  def _remove_unfinished(self, step: int | None = None) -> None:
+    """Removes unfinished saves (of `step`, or all), on the first process only.
+
+    Synchronous, unlike Orbax's `cleanup_tmp_directories` (a background
+    thread that two managers opened in turn on one directory would race)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if is_temporary(name) and (step is None or name.split(".", 1)[0] == str(step)):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when nothing was saved here."""
@@ -57,27 +102,80 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def has_foreign_content(self) -> bool:
-    """True when the directory holds entries but no step Orbax recognises."""
+    """True when the directory holds entries but no step Orbax recognises
+    (hidden files and unfinished saves, `is_temporary`, do not count)."""
     if self.latest_step() is not None or not os.path.isdir(self.directory):
       return False
-    return any(not name.startswith(".") for name in os.listdir(self.directory))
+    return any(not name.startswith(".") and not is_temporary(name)
+               for name in os.listdir(self.directory))
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Saves `state` as `step` if due (`step % save_every == 0`) or forced."""
+    """Saves `state` as `step` if due (`step % save_every == 0`) or forced.
+
+    Raises:
+      CheckpointError: the step cannot be written (a full disk, an unwritable
+        directory); its partial files are removed, earlier steps are kept.
+    """
     if not force and step % self.save_every:
       return False
     if step in self.all_steps():
       return False
-    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    self._manager.wait_until_finished()
+    metadata = {_IDENTITY_KEY: self.identity} if self.identity else None
+    try:
+      saved = self._manager.save(step, args=ocp.args.StandardSave(state),
+                                 force=True, custom_metadata=metadata)
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - reported with the path and step
+      raise self._save_failed(step, e) from e
     return bool(saved)
+
+  def _save_failed(self, step: int, error: Exception) -> CheckpointError:
+    """Removes what the failed save of `step` wrote; the error to raise."""
+    try:
+      self._remove_unfinished(step)
+      self._manager.reload()  # forget the step that was not written
+      kept = self.latest_step()
+    except Exception:  # noqa: BLE001 - the directory may be unreadable too
+      kept = None
+    return CheckpointError(
+        f"Cannot save checkpoint step {step} in {self.directory} "
+        f"({type(error).__name__}: {error}). "
+        + (f"The last good checkpoint, step {kept}, is intact. "
+           if kept is not None else "No earlier checkpoint was saved here. ")
+        + "Free some disk space or make the directory writable, then run the "
+        "same command again to resume.")
+
+  def recorded_identity(self, step: int) -> dict | None:
+    """The `identity` recorded with `step` (None: none was)."""
+    try:
+      custom = self._manager.metadata(step).custom_metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore reports it
+      return None
+    return custom.get(_IDENTITY_KEY)
+
+  def _check_identity(self, step: int) -> None:
+    """Raises `CheckpointError` when `step` was recorded by another run (the
+    fields both record and that differ)."""
+    saved = self.recorded_identity(step)
+    if not saved or not self.identity:
+      return
+    differ = [f"{key} {saved[key]!r} there, {self.identity[key]!r} here"
+              for key in sorted(set(saved) & set(self.identity))
+              if saved[key] != self.identity[key]]
+    if differ:
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} was written by a "
+          f"different run: {'; '.join(differ)}. Nothing was deleted. Resume "
+          f"with the settings it was written with, or use a new --workdir to "
+          f"start fresh.")
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores `step` (default: the latest) with the structure, dtypes and
     shardings of `abstract_state`.
 
     Raises:
-      CheckpointError: there is no checkpoint, or it is corrupt / incompatible.
+      CheckpointError: there is no checkpoint, it is corrupt / incompatible, or
+        it records another `identity`.
     """
     if step is None:
       step = self.latest_step()
@@ -86,6 +184,7 @@ class Checkpointer:
           f"No checkpoint to restore in {self.directory}"
           + (" (the directory holds files that are not Orbax checkpoints)"
              if self.has_foreign_content() else "") + ".")
+    self._check_identity(step)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 - reported with the path and step

@@ -12,7 +12,13 @@
      `eval_every` steps and handing metrics to `on_metrics` / `on_eval`
      callbacks every `log_every` steps;
   4. checkpoints every `checkpoint_every` steps, at the end, and on SIGTERM /
-     SIGINT (the last completed step), then stops.
+     SIGINT (the last completed step), then stops. Each checkpoint records the
+     run's `run_identity`; resuming from one recorded under another (another
+     divergence, another model size) raises `CheckpointError`, and so does a
+     save that fails (a full disk), after which the earlier checkpoints are
+     intact. A process killed at any moment (even mid-save) resumes, when
+     re-run, from its last complete checkpoint and ends bit-identical to an
+     uninterrupted run.
 
 `task` is any object with `model`, `params`, `base_params`, `target`,
 `sampler`, `num_contexts`, `batch(step, batch_size) -> Batch` (and
@@ -110,6 +116,26 @@ def eval_rng(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed + 1_000_003), step)
 
 
+def run_identity(task, state, step: step_lib.StepConfig) -> dict[str, Any]:
+  """What a checkpoint records of the run that wrote it, and what a resumed run
+  must match (`checkpoint.Checkpointer(identity=...)`): the trained divergence,
+  the mode, the baseline and the size of the trained parameters, plus the
+  task's own `checkpoint_identity` (a dict) when it has one.
+
+  Settings that a run may change when resumed are left out: the number of
+  steps, the report and checkpoint intervals, the mesh.
+  """
+  leaves = jax.tree.leaves(state.params)
+  identity = {
+      "divergence": step.divergence.metric_name,
+      "mode": step.mode,
+      "baseline": repr(step.baseline),
+      "params": f"{sum(int(x.size) for x in leaves):,} values in {len(leaves)} arrays",
+  }
+  identity.update(getattr(task, "checkpoint_identity", None) or {})
+  return identity
+
+
 def initial_state(task, mesh, *, loop: LoopConfig, step: step_lib.StepConfig,
                   optimizer: optimizer_lib.OptimizerConfig) -> state_lib.FDPGState:
   """The step-0 state of `task` on `mesh` (policy = the task's initial params)."""
@@ -147,7 +173,26 @@ def train(task, workdir: str, *, loop: LoopConfig, step: step_lib.StepConfig,
   state = initial_state(task, mesh, loop=loop, step=step, optimizer=optimizer)
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=loop.checkpoint_every,
-      keep=loop.keep_checkpoints)
+      keep=loop.keep_checkpoints, identity=run_identity(task, state, step))
+  try:
+    return _train(task, checkpointer, mesh, state, loop=loop, step=step,
+                  num_steps=num_steps, on_metrics=on_metrics, on_eval=on_eval,
+                  on_step=on_step)
+  except BaseException:
+    # A failed save or restore (CheckpointError), or any other error: release
+    # Orbax's threads and files without hiding the error.
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+      pass
+    raise
+
+
+def _train(task, checkpointer: checkpoint_lib.Checkpointer, mesh, state, *,
+           loop: LoopConfig, step: step_lib.StepConfig, num_steps: int,
+           on_metrics: MetricsCallback | None, on_eval: EvalCallback | None,
+           on_step: Callable[[int], None] | None) -> TrainResult:
+  """`train` once the checkpointer is open (closed here on success)."""
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore(checkpoint_lib.abstract_like(state))
