@@ -82,8 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                 `fdiv_jax.lm.pretrain` checkpoint directory; its own sizes win.
   #   "gpt2"/"lstm": random init of the sizes below, seeded by `seed` (LSTM:
   #                 embedding and hidden width n_embd, n_layer layers).
-  #   "hf":         a local Hugging Face GPT-2 directory (`model.path`, with
-  #                 config.json + model.safetensors); its own sizes win.
+  #   "hf":         a local Hugging Face directory of a GPT-2, Llama, Mistral,
+  #                 Qwen2 or Qwen3 model (`model.path`, with config.json +
+  #                 model.safetensors, or shards); its own sizes win.
   c.model = ml_collections.ConfigDict()
   c.model.kind = "pretrained"
   c.model.path = ""
@@ -92,7 +93,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.n_head = 2
   c.model.n_embd = 64
   c.model.n_positions = 64
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"       # activations: "float32" or "bfloat16"
+  # Stored weights: "float32", "bfloat16", or "float16" (a frozen LoRA base
+  # only). Logits, log-probabilities and importance weights stay float32.
+  c.model.param_dtype = "float32"
+  c.model.remat = False           # rematerialise blocks (Llama family)
+  # LoRA (`fdiv_jax.lm.models.lora`): rank 0 = full fine-tuning. With rank r
+  # > 0 the policy is the frozen base plus adapters (α/r)·A·B on `targets`
+  # (empty: ("q_proj", "v_proj") for the Llama family, ("c_attn",) for
+  # GPT-2); the base model a is the same frozen weights without adapters, and
+  # checkpoints hold the adapters and name the base weights.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ()
+  # After training: the evaluated policy (the EMA when on; LoRA merged into
+  # the weights) as a Hugging Face checkpoint in workdir/export/, with the
+  # tokenizer and generation files of model.path.
+  c.export_hf = False
   # "byte" (`ByteTokenizer`), "hf" (tokenizer.json in `model.path`) or "toy"
   # (tiny vocabulary for enumerable spaces: id 0 = BOS/EOS/pad, ids 1..V-1
   # decode to the letters a, b, c, ...; V = model.vocab_size <= 27).

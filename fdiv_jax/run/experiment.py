@@ -8,7 +8,9 @@
   3. `train.loop.train`: the jitted step with checkpoints and resume, a progress
      bar, metrics to metrics.jsonl and TensorBoard, and an evaluation on fresh
      samples every `eval_every` steps (`evaluation.Evaluator`);
-  4. plots, samples.md and summary.json.
+  4. plots, samples.md and summary.json;
+  5. with `export_hf`, the evaluated policy (the EMA when on, LoRA adapters
+     merged into the weights) as a Hugging Face checkpoint in `export/`.
 
 The workdir receives:
   config.json        the config of the latest invocation
@@ -18,6 +20,9 @@ The workdir receives:
   tensorboard/       TensorBoard event files
   plots/*.png        alignment, divergences to the target, KL(π‖a), diversity
   samples.md         base-model vs trained samples for the same prompts
+  export/            (export_hf) config.json, model.safetensors and the
+                     tokenizer / generation files of model.path: loadable
+                     by transformers' AutoModelForCausalLM.from_pretrained
   summary.json       the final evaluation metrics by name (alignment,
                      kl_from_base, the divergences, distinct_1/2/3, self_bleu,
                      each with <name>_se, its standard error; exact/* on
@@ -177,6 +182,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 3),
         num_samples=spec.qrs_samples, batch_size=spec.loop.eval_batch_size // 2,
         base_params=result.state.base_params))
+  if spec.export_hf:
+    summary["export"] = tasks.export_hf(task, spec, result.state,
+                                        os.path.join(workdir, "export"))
   if task.lambda_fit is not None:
     fit = task.lambda_fit
     summary["lambda_fit"] = {"lambdas": list(map(float, fit.lambdas)),
@@ -202,5 +210,6 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"after a {result.compile_seconds:.1f} s first step).\n{table}\n\n"
         f"Wrote {os.path.join(workdir, 'summary.json')}, {samples_path}, "
         f"{len(written_plots)} plots in {os.path.join(workdir, 'plots')}, metrics.jsonl and "
-        f"tensorboard/.")
+        f"tensorboard/." + (f" Exported the policy to {summary['export']}."
+                            if spec.export_hf else ""))
   return summary

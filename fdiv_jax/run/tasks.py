@@ -18,6 +18,8 @@ log_every, checkpoint_*, mesh_*     the mesh, ``sharding.mesh_shape``)
 max_new_tokens, temperature,        ``sampling.SamplerConfig`` (the proposal;
 top_k, top_p                        ``.untempered()`` for evaluation)
 model.*, tokenizer                  ``models.ModelSpec`` and its tokenizer
+lora.*                              ``models.LoRAConfig`` (targets resolved
+                                    for the model's family)
 prompts, prompt_sampling            ``prompts.Prompts``
 target.*                            ``targets.TargetSpec``
 ==================================  ==========================================
@@ -30,7 +32,10 @@ and what exact metrics need.
 
 ``build(spec) -> Task`` then loads the model, builds the target on the real
 tokenizer, fits λ of a distributional target on samples of the base model,
-and enumerates the support of a toy space for exact metrics.
+and enumerates the support of a toy space for exact metrics. With LoRA
+(``lora.rank > 0``) the task's model is a ``models.LoRALM`` around the loaded
+model, its ``params`` the fresh adapters and ``base_params`` the loaded
+weights, the only copy of them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Iterator
 
@@ -48,6 +54,7 @@ import numpy as np
 from fdiv_jax import targets as targets_lib
 from fdiv_jax.core import _values, baselines, divergences, estimators
 from fdiv_jax.lm import enumeration, models, sampling
+from fdiv_jax.lm.models import lora as lora_lib
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.run.prompts import Prompts
 from fdiv_jax.train import loop as loop_lib
@@ -110,6 +117,8 @@ class RunSpec:
     num_samples_md: samples per prompt and model written to samples.md.
     qrs_samples: samples of the QRS report after training (0 = none).
     config_json: the config as JSON, for the workdir and the summary.
+    lora: the LoRA adapters (rank 0 = none; targets resolved).
+    export_hf: write the trained policy as a Hugging Face checkpoint.
   """
   loop: loop_lib.LoopConfig
   step: step_lib.StepConfig
@@ -123,6 +132,8 @@ class RunSpec:
   num_samples_md: int
   qrs_samples: int
   config_json: str
+  lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
+  export_hf: bool = False
 
 
 def _divergence(c) -> divergences.Divergence:
@@ -172,6 +183,7 @@ def describe(config) -> RunSpec:
   model_fields = _same_names(models.ModelSpec, "model.")
   with _config_errors("model.kind", prefix="model.", **model_fields):
     model = models.ModelSpec(**c.model.to_dict())
+  lora, export_hf = _describe_lora_and_export(c, model, model_fields)
   with _config_errors("tokenizer", tokenizer="tokenizer",
                       vocab_size="model.vocab_size"):
     tokenizer = model.tokenizer(c.tokenizer)
@@ -216,7 +228,41 @@ def describe(config) -> RunSpec:
                  model=model, tokenizer=tokenizer, prompts=prompts, target=target,
                  exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,
                  qrs_samples=c.qrs_samples,
-                 config_json=c.to_json_best_effort(indent=2))
+                 config_json=c.to_json_best_effort(indent=2), lora=lora,
+                 export_hf=export_hf)
+
+
+def _describe_lora_and_export(c, model: models.ModelSpec,
+                              model_fields: dict[str, str]
+                              ) -> tuple[lora_lib.LoRAConfig, bool]:
+  """``config.lora`` (targets resolved for the model's family) and
+  ``config.export_hf``, checked against the model."""
+  lora_config = c.get("lora")
+  export_hf = c.get("export_hf", False)
+  with _config_errors("lora.rank", prefix="lora.",
+                      **_same_names(lora_lib.LoRAConfig, "lora.")):
+    lora = lora_lib.LoRAConfig(**(lora_config.to_dict() if lora_config else {}))
+  family = None
+  if lora.enabled or export_hf:
+    with _config_errors("model.path", **model_fields):
+      family = model.family
+  if lora.enabled:
+    with _config_errors("lora.rank", prefix="lora.",
+                        **_same_names(lora_lib.LoRAConfig, "lora.")):
+      lora = lora.for_family(family)
+  if model.param_dtype == "float16" and not lora.enabled:
+    raise ConfigError(
+        "config.model.param_dtype: float16 weights are for a frozen base under "
+        "LoRA (config.lora.rank > 0): full fine-tuning would apply every update "
+        "to float16 weights without loss scaling. Use float32 or bfloat16.")
+  with _config_errors("export_hf", export_hf="export_hf"):
+    _values.boolean("export_hf", export_hf)
+  if export_hf and family not in models.SUPPORTED_MODEL_TYPES:
+    raise ConfigError(
+        f"config.export_hf: Hugging Face export writes GPT-2 and Llama-family "
+        f"models ({', '.join(models.SUPPORTED_MODEL_TYPES)}), not a {family} "
+        f"model.")
+  return lora, bool(export_hf)
 
 
 def _check_divides(loop: loop_lib.LoopConfig, num_devices: int) -> None:
@@ -306,9 +352,11 @@ class Task:
 
   Attributes:
     model: the language model (``models.LanguageModel``), shared by the policy
-      π, the base model a and the proposal q.
-    params: the initial policy π_θ0 (a copy of ``base_params``).
-    base_params: the base model a(x).
+      π, the base model a and the proposal q; a ``models.LoRALM`` with LoRA.
+    params: the initial policy π_θ0 (a copy of ``base_params``; with LoRA the
+      fresh adapters, B = 0, so that π_θ0 = a).
+    base_params: the base model a(x) (with LoRA also the policy's frozen
+      weights).
     tokenizer: ``encode``/``decode``/``batch_decode`` and the special ids.
     target: the EBM; a ``ConditionalTarget`` when prompted, with λ fitted for
       a distributional one.
@@ -334,6 +382,17 @@ class Task:
   def num_contexts(self) -> int:
     return self.prompts.num_contexts
 
+  @property
+  def checkpoint_identity(self) -> dict:
+    """What checkpoints record of the model beyond the trained parameters'
+    size (``train.loop.run_identity``): LoRA's rank, α and targets, so that
+    resuming with other ones (α alone changes no shape) is refused."""
+    if not lora_lib.is_lora(self.model):
+      return {}
+    config = self.model.lora
+    return {"lora": {"rank": config.rank, "alpha": config.alpha,
+                     "targets": list(config.targets)}}
+
   def batch(self, step: int, batch_size: int):
     """The host batch of training step `step` (``Prompts.batch``)."""
     return self.prompts.batch(step, batch_size)
@@ -356,9 +415,10 @@ class Task:
       raise ValueError("Task.exact: the task has no enumerated support; set "
                        "config.exact_metrics=True on a toy space")
     prompt = self.prompts.tokens[0, -int(self.prompts.lengths[0]):]
+    base = self.base_params if base_params is None else base_params
     return enumeration.exact_metrics(
-        self.model, params,
-        self.base_params if base_params is None else base_params,
+        self.model, lora_lib.policy_params(self.model, base, params),
+        lora_lib.base_model_params(self.model, base),
         self.target, prompt, self.support, extra=extra)
 
 
@@ -414,11 +474,37 @@ def fit_distributional(target: targets_lib.DistributionalTarget, model, params,
   return fitted, fit, partition
 
 
+def base_weights_name(spec: RunSpec) -> str:
+  """What a LoRA checkpoint records as the origin of its base weights."""
+  m = spec.model
+  if m.kind == "hf" or (m.kind == "pretrained" and m.path):
+    return os.path.abspath(m.path)
+  if m.kind == "pretrained":
+    return "the shipped demo model"
+  return f"a random {m.kind} init (seed {spec.loop.seed})"
+
+
+def export_hf(task: Task, spec: RunSpec, state, path: str) -> str:
+  """Writes the evaluated policy of ``state`` (the EMA when on; LoRA merged
+  into the weights) as a Hugging Face checkpoint at ``path``, with the
+  tokenizer and generation files of ``model.path`` (kind "hf"). Every process
+  gathers the weights; only process 0 writes. Returns ``path``."""
+  from fdiv_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  model, params = lora_lib.merge(task.model, state.base_params,
+                                 state_lib.evaluated_params(state))
+  if jax.process_index() == 0:
+    models.save_hf_checkpoint(
+        model, params, path,
+        source=spec.model.path if spec.model.kind == "hf" else None)
+  return path
+
+
 def build(spec: RunSpec) -> Task:
   """Loads the model and builds the target, λ and support of `spec`.
 
-  Random inits use the key ``fold_in(PRNGKey(seed), 1)`` and λ fitting
-  ``fold_in(PRNGKey(seed), 2)`` (the train state's RNG is ``PRNGKey(seed)``).
+  Random inits use the key ``fold_in(PRNGKey(seed), 1)``, λ fitting
+  ``fold_in(PRNGKey(seed), 2)`` and LoRA's A matrices ``fold_in(PRNGKey(seed),
+  4)`` (the train state's RNG is ``PRNGKey(seed)``).
 
   Raises:
     ConfigError: a tokenizer with more ids than the model has rows, or a
@@ -445,8 +531,15 @@ def build(spec: RunSpec) -> Task:
     support = enumeration.all_continuations(
         model.vocab_size, spec.sampler.max_new_tokens, tokenizer.eos_id,
         tokenizer.pad_id)
-  return Task(model=model, params=jax.tree.map(jnp.array, base_params),
-              base_params=base_params, tokenizer=tokenizer, target=target,
-              sampler=spec.sampler, prompts=spec.prompts, lambda_fit=lambda_fit,
+  if spec.lora.enabled:
+    model = lora_lib.LoRALM(model, spec.lora, base_path=base_weights_name(spec))
+    params = lora_lib.init_adapters(
+        spec.lora, base_params,
+        jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 4))
+  else:
+    params = jax.tree.map(jnp.array, base_params)
+  return Task(model=model, params=params, base_params=base_params,
+              tokenizer=tokenizer, target=target, sampler=spec.sampler,
+              prompts=spec.prompts, lambda_fit=lambda_fit,
               initial_log_partition=initial_log_partition,
               support=support)

@@ -12,6 +12,14 @@
     that cannot be restored raises `CheckpointError` naming the path — never a
     silent fresh start, and nothing already saved is deleted.
 
+LoRA states (`FDPGState.frozen_base` set) leave the frozen base weights out:
+a checkpoint holds the adapters, optimiser and f-DPG state, and records which
+base weights they belong to (`frozen_base`: path and fingerprint, in the
+step's custom metadata). `abstract_like` keeps the base weights as they are,
+`restore` puts them back after checking the fingerprint: a checkpoint of other
+base weights, or a full-fine-tuning checkpoint under LoRA (and vice versa), is
+a `CheckpointError` naming both.
+
 Crashes, full disks and other runs' checkpoints:
 
   - Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to
@@ -59,9 +67,21 @@ def is_temporary(name: str) -> bool:
   return TMP_MARKER in name
 
 
+_BASE_KEY = "frozen_base"
+
+
+def _frozen_base(state: Any):
+  return getattr(state, "frozen_base", None)
+
+
 def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) describing `state`, for restoring."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  """ShapeDtypeStructs (with shardings) describing `state`, for restoring; a
+  LoRA state's frozen base weights stay as they are (not in checkpoints)."""
+  if _frozen_base(state) is None:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          state.replace(base_params=None))
+  return abstract.replace(base_params=state.base_params)
 
 
 class Checkpointer:
@@ -120,7 +140,14 @@ class Checkpointer:
       return False
     if step in self.all_steps():
       return False
-    metadata = {_IDENTITY_KEY: self.identity} if self.identity else None
+    metadata = None
+    frozen = _frozen_base(state)
+    if frozen is not None:  # LoRA: the base weights are named, not saved
+      metadata = {_BASE_KEY: {"path": frozen.path,
+                              "fingerprint": frozen.fingerprint}}
+      state = state.replace(base_params=None)
+    if self.identity:
+      metadata = {**(metadata or {}), _IDENTITY_KEY: self.identity}
     try:
       saved = self._manager.save(step, args=ocp.args.StandardSave(state),
                                  force=True, custom_metadata=metadata)
@@ -185,14 +212,57 @@ class Checkpointer:
           + (" (the directory holds files that are not Orbax checkpoints)"
              if self.has_foreign_content() else "") + ".")
     self._check_identity(step)
+    frozen = _frozen_base(abstract_state)
+    base_params = None
+    self._check_base(step, frozen)
+    if frozen is not None:
+      base_params = abstract_state.base_params
+      if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(base_params)):
+        raise CheckpointError(
+            "restore: a LoRA state's base weights are not in the checkpoint; "
+            "pass them as arrays (checkpoint.abstract_like keeps them).")
+      abstract_state = abstract_state.replace(base_params=None)
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      restored = self._manager.restore(
+          step, args=ocp.args.StandardRestore(abstract_state))
+      return (restored if frozen is None
+              else restored.replace(base_params=base_params))
     except Exception as e:  # noqa: BLE001 - reported with the path and step
       raise CheckpointError(
           f"Checkpoint step {step} in {self.directory} cannot be restored ("
           f"{type(e).__name__}: {e}). It is corrupt or from an incompatible "
           f"config; nothing was deleted. Move it away, or use a new --workdir to "
           f"start fresh.") from e
+
+  def _check_base(self, step: int, frozen) -> None:
+    """The checkpoint's recorded base weights (if any) are `frozen`'s."""
+    try:
+      custom = self._manager.metadata(step).custom_metadata or {}
+    except Exception:  # noqa: BLE001 - no readable metadata: nothing recorded
+      custom = {}
+    saved = custom.get(_BASE_KEY)
+    where = f"Checkpoint step {step} in {self.directory}"
+    if saved is None and frozen is None:
+      return
+    if saved is None:
+      raise CheckpointError(
+          f"{where} holds a full fine-tuning state, but this run trains LoRA "
+          f"adapters on {frozen.path or 'its base weights'} (config.lora.rank "
+          f"> 0). Resume without LoRA, or use a new --workdir.")
+    if frozen is None:
+      raise CheckpointError(
+          f"{where} holds LoRA adapters of the base weights {saved['path']!r} "
+          f"({saved['fingerprint']}), but this run fine-tunes the whole model "
+          f"(config.lora.rank = 0). Resume with the same LoRA settings, or use a "
+          f"new --workdir.")
+    if saved["fingerprint"] != frozen.fingerprint:
+      raise CheckpointError(
+          f"{where} holds LoRA adapters of other base weights: "
+          f"{saved['path']!r} ({saved['fingerprint']}), not "
+          f"{frozen.path!r} ({frozen.fingerprint}) as loaded for this run "
+          f"(another checkpoint, or another model.param_dtype). Point "
+          f"config.model.path at the weights it was trained on, or use a new "
+          f"--workdir.")
 
   def close(self):
     self._manager.wait_until_finished()

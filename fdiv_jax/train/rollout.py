@@ -5,6 +5,11 @@ returns the exact log q of what it drew), then scores log a(x) under the frozen
 base model and log P(x) under the target. `sample_metrics` turns scored samples
 and log π into the importance-sampled metrics of π against the target that the
 train step and the evaluation both report.
+
+Parameters are passed as the train state holds them: `params` / `proposal_params`
+are the policy's (under LoRA the adapters) and `base_params` the base model's
+(under LoRA the frozen weights both share); `models.lora.policy_params` and
+`base_model_params` turn them into what the model applies.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 
 from fdiv_jax.core import divergences, estimators, uncertainty
 from fdiv_jax.lm import sampling, scoring
+from fdiv_jax.lm.models import lora
 from fdiv_jax.train import state as state_lib
 
 Array = jax.Array
@@ -47,11 +53,12 @@ def draw_and_score(model, target, sampler: sampling.SamplerConfig, proposal_para
                    base_params, batch: state_lib.Batch, rng: Array) -> Scored:
   """x ~ q (the model at `proposal_params`, warped by `sampler`) with log q,
   log a(x) and log P(x); no gradient flows through any of them."""
-  out = sampling.sample(model, proposal_params, rng, batch.prompts,
-                        batch.prompt_lengths, sampler)
+  out = sampling.sample(model, lora.policy_params(model, base_params, proposal_params),
+                        rng, batch.prompts, batch.prompt_lengths, sampler)
   out = jax.tree.map(jax.lax.stop_gradient, out)
-  _, log_base = scoring.sequence_log_probs(model, base_params, batch.prompts,
-                                           batch.prompt_lengths, out.tokens, out.mask)
+  _, log_base = scoring.sequence_log_probs(
+      model, lora.base_model_params(model, base_params), batch.prompts,
+      batch.prompt_lengths, out.tokens, out.mask)
   log_base = jax.lax.stop_gradient(log_base)
   log_target = target.log_prob(out.tokens, out.mask, log_base, context(batch))
   return Scored(out.tokens, out.mask, out.token_log_q, out.log_q, log_base,
@@ -76,6 +83,8 @@ def draw_from_mixture(model, target, sampler: sampling.SamplerConfig, params,
   """
   rng_pi, rng_a = jax.random.split(rng)
   ctx = context(batch)
+  params = lora.policy_params(model, base_params, params)
+  base_params = lora.base_model_params(model, base_params)
   from_pi = sampling.sample(model, params, rng_pi, batch.prompts,
                             batch.prompt_lengths, sampler)
   from_a = sampling.sample(model, base_params, rng_a, batch.prompts,

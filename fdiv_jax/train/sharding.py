@@ -11,7 +11,12 @@ A 2-D mesh with axes ("data", "fsdp"):
   - scalars and small state (log Ẑ, baseline, RNG, counters) are replicated.
 
 The step is compiled once by `jit_train_step` with these `in_shardings` /
-`out_shardings` and the state donated. Sampling uses JAX's partitionable
+`out_shardings` and the state donated, except a LoRA state's frozen base
+weights (`FDPGState.frozen_base`): they are an input of their own, neither
+donated nor returned, so the step never copies them and the caller's arrays
+stay valid (one copy of the base in memory). LoRA's adapters follow the same
+rule as any parameter: A [in, r] and B [r, out] are split along their larger
+dimension when they hold 1024 values or more. Sampling uses JAX's partitionable
 threefry, so the samples (and hence the update) do not depend on the number of
 devices.
 
@@ -122,12 +127,32 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def jit_train_step(step_fn, state: Any, mesh: Mesh):
-  """`jax.jit` of the step with explicit shardings; the input state is donated."""
+  """`jax.jit` of the step with explicit shardings; the input state is donated
+  (but for a LoRA state's frozen base weights: see the module docstring)."""
   state_sharding = state_shardings(state, mesh)
   batch_spec = batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_spec),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  if getattr(state, "frozen_base", None) is None:
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_spec),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  rest_sharding = state_sharding.replace(base_params=None)
+
+  def split_step(base_params, rest, batch):
+    new_state, metrics = step_fn(rest.replace(base_params=base_params), batch)
+    return new_state.replace(base_params=None), metrics
+
+  jitted = jax.jit(split_step,
+                   in_shardings=(state_sharding.base_params, rest_sharding,
+                                 batch_spec),
+                   out_shardings=(rest_sharding, replicated), donate_argnums=(1,))
+
+  def step(state, batch):
+    new_state, metrics = jitted(state.base_params,
+                                state.replace(base_params=None), batch)
+    return new_state.replace(base_params=state.base_params), metrics
+
+  step.jitted = jitted
+  return step
 
 
 def jit_eval_step(eval_fn, state: Any, mesh: Mesh):

@@ -15,12 +15,22 @@ Fields beyond `TrainState` (step, params, opt_state, tx, apply_fn):
   policy_scores,   offline mode: the last W per-step estimates of D(π‖p) and
   proposal_scores  D(q‖p) on which "replace q by π when π is closer" is decided
   num_proposal_updates  how often q was replaced by π
+  frozen_base      LoRA only (static, not an array): the `FrozenBase` that
+                   names the frozen weights in `base_params`
 
-Every field is an array pytree, so Orbax saves and restores all of it.
+Every field is an array pytree, so Orbax saves and restores all of it, except
+under LoRA (`models.LoRALM`): then `params` (and the EMA and the proposal) are
+the adapters, `base_params` the frozen weights that serve both the policy
+π = base + adapters and the base model a, and `frozen_base` names them. The
+step neither donates nor copies them (`sharding.jit_train_step`), and
+checkpoints leave them out and record `frozen_base` instead
+(`checkpoint.Checkpointer`): the same weights are loaded again on resume,
+checked against the fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -30,9 +40,24 @@ import optax
 from flax.training import train_state
 
 from fdiv_jax.core import estimators
+from fdiv_jax.lm.models import lora
 from fdiv_jax.train import optimizer as optimizer_lib
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBase:
+  """The frozen base weights that LoRA adapters belong to.
+
+  Attributes:
+    path: where they were loaded from (a Hugging Face directory, ...); for
+      messages.
+    fingerprint: `models.lora.fingerprint` of the weights as held (dtype
+      included); what a checkpoint is checked against on restore.
+  """
+  path: str
+  fingerprint: str
 
 
 class FDPGState(train_state.TrainState):
@@ -45,6 +70,8 @@ class FDPGState(train_state.TrainState):
   policy_scores: Array = None
   proposal_scores: Array = None
   num_proposal_updates: Array = None
+  frozen_base: FrozenBase | None = flax.struct.field(pytree_node=False,
+                                                     default=None)
 
   @property
   def num_skipped_updates(self) -> Array:
@@ -54,7 +81,8 @@ class FDPGState(train_state.TrainState):
 
 def evaluated_params(state: FDPGState) -> Any:
   """The policy that evaluation reports: the Polyak average when the run keeps
-  one (`StepConfig.ema_decay > 0`), else the current parameters."""
+  one (`StepConfig.ema_decay > 0`), else the current parameters (under LoRA:
+  the adapters; `lora.policy_params` adds the base)."""
   return state.params if state.ema_params is None else state.ema_params
 
 
@@ -67,12 +95,16 @@ def create_state(model, params, *, step_config,
   """A fresh state at step 0 from initial policy params (usually = base params).
 
   Args:
-    model: the Flax language model (its `apply` becomes `apply_fn`).
-    params: the policy's initial parameters π_θ0.
+    model: the Flax language model (its `apply` becomes `apply_fn`), or a
+      `models.LoRALM`.
+    params: the policy's initial parameters π_θ0 (under LoRA: the adapters,
+      `lora.init_adapters`).
     step_config: the `train.StepConfig` (its baseline, mode, EMA and proposal
       window size the state).
     optimizer: an `OptimizerConfig` or an optax transformation.
-    base_params: the base model a; defaults to a copy of `params`.
+    base_params: the base model a; defaults to a copy of `params`. Under
+      LoRA the frozen weights, required, and held as they are (not copied:
+      the state shares them with the caller; the step never donates them).
     num_contexts: number of log Ẑ entries (1 unless the target is conditional).
     seed: the RNG seed, `jax.random.PRNGKey(seed)`, unless `rng` is given.
     rng: a raw uint32[2] key.
@@ -82,7 +114,16 @@ def create_state(model, params, *, step_config,
   # Separate buffers for every copy: the jitted step donates the whole state, and
   # a buffer shared by two fields could not be donated twice.
   copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-  base_params = copy(params if base_params is None else base_params)
+  frozen_base = None
+  if lora.is_lora(model):
+    if base_params is None:
+      raise ValueError("base_params: a LoRA policy needs the frozen base "
+                       "weights (its params are the adapters).")
+    frozen_base = FrozenBase(model.base_path, lora.fingerprint(base_params))
+    proposal = params  # the initial adapters: q = a when B = 0
+  else:
+    base_params = copy(params if base_params is None else base_params)
+    proposal = base_params
   params = copy(params)  # the caller keeps its own arrays
   window = step_config.proposal_update_window
   tx = (optimizer_lib.make_optimizer(optimizer)
@@ -92,7 +133,7 @@ def create_state(model, params, *, step_config,
       params=params,
       tx=tx,
       base_params=base_params,
-      proposal_params=copy(base_params) if step_config.offline else None,
+      proposal_params=copy(proposal) if step_config.offline else None,
       log_partition=(estimators.init_partition(num_contexts)
                      if log_partition is None else copy(log_partition)),
       baseline_state=step_config.baseline.init(),
@@ -101,6 +142,7 @@ def create_state(model, params, *, step_config,
       policy_scores=jnp.full((window,), jnp.nan, jnp.float32),
       proposal_scores=jnp.full((window,), jnp.nan, jnp.float32),
       num_proposal_updates=jnp.zeros((), jnp.int32),
+      frozen_base=frozen_base,
   )
 
 

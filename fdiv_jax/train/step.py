@@ -26,6 +26,10 @@ reads top to bottom in the order of the paper, each quantity computed once:
      alignment and moments under π, log Ẑ, ESS; and loss, pseudo-reward and
      advantage statistics, gradient norm, clipped samples, skipped updates.
 
+Under LoRA (`models.LoRALM`) the state's `params` are the adapters and its
+`base_params` the frozen weights: π is the base plus the adapters, a the base
+alone, and the gradient (3, 5) and the optimiser (6) see the adapters only.
+
 References: Go et al., ICML 2023 (f-DPG); Khalifa et al., ICLR 2021 (DPG/GDC,
 offline proposal updates); Korbak et al., ICML 2022 (per-context Z, CDPG).
 """
@@ -41,6 +45,7 @@ import optax
 
 from fdiv_jax.core import _values, baselines, divergences, estimators, losses
 from fdiv_jax.lm import sampling, scoring
+from fdiv_jax.lm.models import lora
 from fdiv_jax.train import optimizer as optimizer_lib
 from fdiv_jax.train import rollout
 from fdiv_jax.train import state as state_lib
@@ -115,7 +120,8 @@ def make_train_step(config: StepConfig, model, target,
 
   Args:
     config: the update rule (`StepConfig`).
-    model: the Flax language model shared by π, a and q.
+    model: the Flax language model shared by π, a and q (a `LoRALM`: π and
+      q with adapters, a without).
     target: a `fdiv_jax.targets` target (log_prob, alignment, feature_values).
     sampler: the proposal's `SamplerConfig` (its eos/pad ids, warping).
 
@@ -144,7 +150,8 @@ def make_train_step(config: StepConfig, model, target,
     # only the gradient is computed, and π/q is exactly 1.
     def log_policy(params):
       return scoring.sequence_log_probs(
-          model, params, batch.prompts, batch.prompt_lengths, x.tokens, x.mask,
+          model, lora.policy_params(model, state.base_params, params),
+          batch.prompts, batch.prompt_lengths, x.tokens, x.mask,
           known_token_log_probs=x.token_log_q if on_policy else None)[1]
     log_model, pullback = jax.vjp(log_policy, state.params)
 

@@ -15,8 +15,18 @@ gpt2         `GPT2LM` of (vocab_size, n_positions, n_layer, n_head,
              n_embd), random init
 lstm         `LSTMLM`: embedding and hidden width n_embd, n_layer layers,
              random init
-hf           `load_hf_checkpoint(path)`: its own sizes
+hf           `load_hf_checkpoint(path)`: its own sizes and family (gpt2,
+             llama, mistral, qwen2, qwen3)
 ===========  ==========================================================
+
+Numerics: `dtype` is the activation dtype (float32 or bfloat16);
+`param_dtype` the dtype the weights are stored in (float32, bfloat16, or
+float16, which the run layer allows only for a frozen base under LoRA). Logits,
+log-softmax, log-probabilities and everything f-DPG computes from them stay
+float32 whatever the two (`fdiv_jax.lm.output_layer`). Full fine-tuning with
+bfloat16 parameters rounds every update to bfloat16 (an update below ~2^-8 of
+a weight is lost): use LoRA, or float32 parameters. `remat` rematerialises each
+decoder block in the backward pass (the Llama family; GPT-2 has no remat).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from fdiv_jax.core import _values
 
 KINDS = ("pretrained", "gpt2", "lstm", "hf")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                "float16": jnp.float16}
 TOKENIZERS = ("byte", "hf", "toy")
 # The shipped demo checkpoint (`fdiv_jax.lm.pretrain.PRETRAINED_DIR`), named here
 # without importing the pretraining code.
@@ -62,6 +74,9 @@ class ModelSpec:
     vocab_size, n_layer, n_head, n_embd, n_positions: sizes of a randomly
       initialised "gpt2" / "lstm" (a checkpoint's own sizes win).
     dtype: the activation dtype, one of `DTYPES`.
+    param_dtype: the dtype of the stored weights, one of `PARAM_DTYPES`.
+    remat: rematerialise each block in the backward pass (kind "hf" of the
+      Llama family only).
   """
   kind: str = "pretrained"
   path: str = ""
@@ -71,6 +86,8 @@ class ModelSpec:
   n_embd: int = 64
   n_positions: int = 64
   dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     _values.choice("kind", self.kind, KINDS)
@@ -79,6 +96,8 @@ class ModelSpec:
     for name in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
       _values.integer(name, getattr(self, name), minimum=1)
     _values.choice("dtype", self.dtype, tuple(DTYPES))
+    _values.choice("param_dtype", self.param_dtype, tuple(PARAM_DTYPES))
+    _values.boolean("remat", self.remat)
     if self.kind == "hf":
       if not self.path:
         raise ValueError("path: must name a local Hugging Face model directory "
@@ -91,6 +110,22 @@ class ModelSpec:
     if self.kind == "gpt2" and self.n_embd % self.n_head:
       raise ValueError(f"n_head: must divide n_embd={self.n_embd}, got "
                        f"{self.n_head}.")
+    if self.remat and self.family not in ("llama", "mistral", "qwen2", "qwen3"):
+      raise ValueError(f"remat: rematerialisation is implemented for the Llama "
+                       f"family (kind 'hf' of llama, mistral, qwen2, qwen3), not "
+                       f"a {self.family} model.")
+
+  @property
+  def family(self) -> str:
+    """"gpt2" (kinds pretrained and gpt2), "lstm", or for kind "hf" the
+    checkpoint's `model_type` (read from config.json, no weights)."""
+    if self.kind in ("pretrained", "gpt2"):
+      return "gpt2"
+    if self.kind == "lstm":
+      return "lstm"
+    meta = _read_json(os.path.join(self.path, "config.json"),
+                      "Hugging Face config.json")
+    return str(meta.get("model_type"))
 
   @property
   def max_positions(self) -> int | None:
@@ -153,23 +188,31 @@ class ModelSpec:
     """`(model, params)`; random inits use the key fold_in(PRNGKey(seed), 1)."""
     from fdiv_jax.lm import models  # pylint: disable=g-import-not-at-top
     dtype = DTYPES[self.dtype]
+    param_dtype = PARAM_DTYPES[self.param_dtype]
     if self.kind == "pretrained":
       from fdiv_jax.lm import pretrain  # pylint: disable=g-import-not-at-top
       model, params, _ = pretrain.load_pretrained(self.path or PRETRAINED_DIR)
-      if model.config.dtype != dtype:
-        model = models.GPT2LM(dataclasses.replace(model.config, dtype=dtype))
+      if (model.config.dtype, model.config.param_dtype) != (dtype, param_dtype):
+        model = models.GPT2LM(dataclasses.replace(
+            model.config, dtype=dtype, param_dtype=param_dtype))
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
       return model, params
     if self.kind == "hf":
-      return models.load_hf_checkpoint(self.path, dtype=dtype)
+      model, params = models.load_hf_checkpoint(self.path, dtype=dtype,
+                                                param_dtype=param_dtype)
+      if self.remat:
+        model = type(model)(dataclasses.replace(model.config, remat=True))
+      return model, params
     if self.kind == "gpt2":
       model = models.GPT2LM(models.GPT2Config(
           vocab_size=self.vocab_size, n_positions=self.n_positions,
           n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-          dtype=dtype))
+          dtype=dtype, param_dtype=param_dtype))
     else:
       model = models.LSTMLM(models.LSTMConfig(
           vocab_size=self.vocab_size, embed_dim=self.n_embd,
-          hidden_size=self.n_embd, num_layers=self.n_layer, dtype=dtype))
+          hidden_size=self.n_embd, num_layers=self.n_layer, dtype=dtype,
+          param_dtype=param_dtype))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
     return model, params
