@@ -24,6 +24,43 @@ A GPU/TPU run with an imported GPT-2 (GDC used single words such as
     --config.num_steps=4000 --config.learning_rate=1.41e-5 \
     --config.eval_batch_size=1024 --config.mode=offline \
     --config.target.features="('word_list:words=amazing',)"
+
+One GPU (24 GB or more), Qwen2.5-0.5B in bfloat16 with LoRA rank 16 on its
+seven projections (recipe sized by arithmetic, not measured here; README,
+"Llama, Mistral, Qwen"): the default mesh (one device); the frozen base
+takes 1 GB, the adapters with their Adam moments 0.1 GB, a batch's KV cache
+0.4 GB; a rare word needs the large batch.
+
+  python -m fdiv_jax.main --config=configs/pointwise_word.py --workdir=/tmp/pw_qwen \
+    --config.model.kind=hf --config.model.path=/path/to/Qwen2.5-0.5B \
+    --config.tokenizer=hf --config.model.dtype=bfloat16 \
+    --config.model.param_dtype=bfloat16 --config.model.remat=True \
+    --config.reuse_sampler_log_probs=False \
+    --config.lora.rank=16 --config.lora.alpha=32 \
+    --config.lora.targets="('q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj','down_proj')" \
+    --config.batch_size=512 --config.max_new_tokens=64 \
+    --config.eval_batch_size=1024 --config.learning_rate=1e-4 \
+    --config.num_steps=2000 --config.mode=offline \
+    --config.target.features="('word_list:words=amazing',)" \
+    --config.export_hf=True
+
+Several hosts with 8 GPUs each: the same command on every host, with
+JAX_COORDINATOR_ADDRESS=<host 0>:<port>, JAX_NUM_PROCESSES=<hosts> and
+JAX_PROCESS_ID=<0, 1, ...> (SLURM, Open MPI and Cloud TPU are detected).
+Full fine-tuning of Llama-3.2-1B, float32 weights (policy, base and Adam
+moments: ~20 GB, 2.5 GB per GPU) split over each host's 8 GPUs
+(`mesh_fsdp=8`; `mesh_data` = the number of hosts). For LoRA on several
+hosts, add the LoRA flags above and use --config.mesh_fsdp=1.
+
+  python -m fdiv_jax.main --config=configs/pointwise_word.py --workdir=/tmp/pw_llama \
+    --config.model.kind=hf --config.model.path=/path/to/Llama-3.2-1B \
+    --config.tokenizer=hf --config.model.dtype=bfloat16 \
+    --config.model.remat=True --config.reuse_sampler_log_probs=False \
+    --config.mesh_fsdp=8 \
+    --config.batch_size=2048 --config.max_new_tokens=64 \
+    --config.eval_batch_size=4096 --config.learning_rate=1e-5 \
+    --config.num_steps=2000 --config.mode=offline \
+    --config.target.features="('word_list:words=amazing',)"
 """
 
 import ml_collections
