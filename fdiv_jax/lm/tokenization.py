@@ -119,9 +119,20 @@ class HFTokenizer(_BatchDecodeMixin):
 
   @classmethod
   def from_file(cls, path: str, **special_tokens) -> "HFTokenizer":
-    """Loads a ``tokenizer.json``; keywords as in ``__init__``."""
+    """Loads a ``tokenizer.json``; keywords as in ``__init__``.
+
+    Raises:
+      ValueError: the file is missing, truncated or not a tokenizer (the
+        message names it), or a special token is not in it.
+    """
     import tokenizers  # pylint: disable=g-import-not-at-top
-    return cls(tokenizers.Tokenizer.from_file(path), **special_tokens)
+    try:
+      # The library raises a bare Exception (a Rust error) for a bad file.
+      tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - reported with the path
+      raise ValueError(f"{path}: not a readable tokenizer.json (truncated or "
+                       f"corrupt?): {e}") from e
+    return cls(tokenizer, **special_tokens)
 
   def _find(self, name: Optional[str], candidates: Sequence[str], what: str,
             default: Optional[int] = None) -> int:

@@ -10,11 +10,14 @@ left-padded to the longest, and a batch row gets prompt i by the sampling rule:
 
 Batches are deterministic in (seed, step), so every host of a multi-host run
 builds the same global batch, and a resumed run the same batches as before.
+
+`read_prompts(path)` reads prompts from a UTF-8 text file, one per line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +27,52 @@ from fdiv_jax.lm import sampling
 from fdiv_jax.train import state as state_lib
 
 SAMPLING = ("cycle", "random")
+
+
+def read_prompts(path: str) -> tuple[str, ...]:
+  """The prompts of a text file: one per line, in order.
+
+  The file is UTF-8 (a byte-order mark is allowed); lines end with "\n" or
+  "\r\n", which are not part of the prompt, and a final line without one is
+  read too. Every line is a prompt: an empty or whitespace-only line is an
+  error, not skipped, so that line i of the file is always prompt i - 1.
+
+  Raises:
+    ValueError: the file cannot be read, is not valid UTF-8, holds a NUL
+      character, an empty line, or no line at all; the message names the file
+      and, when there is one, the line (1-based).
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ValueError(f"prompts file {path}: cannot be read ({e.strerror or e}).") from e
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]
+  lines = data.split(b"\n")
+  if lines[-1] == b"":  # the newline that ends the last line
+    lines.pop()
+  if not lines:
+    raise ValueError(f"prompts file {path}: holds no prompt (it is empty); "
+                     f"write one prompt per line.")
+  prompts = []
+  for number, raw in enumerate(lines, start=1):
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(
+          f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start} of the "
+          f"line: {raw[max(e.start - 8, 0):e.start + 8]!r}); prompts files are "
+          f"UTF-8 text.") from e
+    if not text.strip():
+      raise ValueError(f"{path}:{number}: empty line; every line of a prompts "
+                       f"file is a prompt (remove the line).")
+    if "\0" in text:
+      raise ValueError(f"{path}:{number}: holds a NUL character; prompts files "
+                       f"are text.")
+    prompts.append(text)
+  return tuple(prompts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
