@@ -47,10 +47,25 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SI
 
 
 def maybe_initialize_distributed() -> bool:
-  """`jax.distributed.initialize()` when the environment describes several hosts."""
+  """`jax.distributed.initialize()` when the environment describes several hosts.
+
+  Cloud TPU, SLURM and Open MPI are recognised by JAX itself. Elsewhere set, on
+  every process, JAX_COORDINATOR_ADDRESS (host:port of process 0, the same for
+  all), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0, 1, ...): JAX reads only the
+  first, so the other two are passed here. FDIV_JAX_SINGLE_HOST=1 skips it.
+  """
   if any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get(
       "FDIV_JAX_SINGLE_HOST") != "1":
-    jax.distributed.initialize()
+    kwargs = {}
+    for arg, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                      ("process_id", "JAX_PROCESS_ID")):
+      value = os.environ.get(name)
+      if value:
+        try:
+          kwargs[arg] = int(value)
+        except ValueError:
+          raise ValueError(f"{name}={value!r}: must be an integer.") from None
+    jax.distributed.initialize(**kwargs)
     return True
   return False
 
@@ -116,14 +131,32 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x, fsdp)), state)
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """`x`, the same host value on every process, placed with `sharding`: each
+  process copies in its own devices' shards (`jax.make_array_from_callback`).
+  `jax.device_put` would first check that every process passes equal values,
+  a collective per call, and one that fails on NaN entries (NaN != NaN), such
+  as a fresh state's empty windows."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding,
+                                      lambda index: value[index])
+
+
 def shard_state(state: Any, mesh: Mesh) -> Any:
   """Places a (host or single-device) state onto the mesh."""
-  return jax.device_put(state, state_shardings(state, mesh))
+  shardings = state_shardings(state, mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(state, shardings)
+  return jax.tree.map(_put, state, shardings)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+  return jax.tree.map(lambda x: _put(x, sharding), batch)
 
 
 def jit_train_step(step_fn, state: Any, mesh: Mesh):
