@@ -242,6 +242,28 @@ def _with_limits(formula, at_neg_inf: float, at_pos_inf: float, log_t: Array,
   return jnp.where(infinite, limit, value)
 
 
+def _exp_times(log_scale: Array, value: Array) -> Array:
+  """exp(log_scale)·value, never the NaN of 0·inf.
+
+  Where exp(log_scale) underflows to 0 while `value` is ±inf, or overflows
+  while `value` is 0 (or the product alone leaves the float range), the
+  product is formed in log space instead, sign(value)·exp(log_scale +
+  log|value|): a positive weight times +inf is +inf, any finite weight times 0
+  is 0. Elsewhere it is the plain product, rounded as before. NaN in either
+  stays NaN; log_scale = −inf (a weight that is exactly 0) is left to the
+  caller. Both branches see only safe arguments, so gradients stay finite
+  wherever the plain product is used.
+  """
+  probe = jax.lax.stop_gradient(jnp.exp(log_scale) * value)
+  redo = (~jnp.isfinite(probe) & jnp.isfinite(jax.lax.stop_gradient(log_scale))
+          & ~jnp.isnan(jax.lax.stop_gradient(value)))
+  direct = jnp.exp(jnp.where(redo, 0.0, log_scale)) * jnp.where(redo, 0.0, value)
+  safe_value = jnp.where(redo, value, 1.0)
+  in_logs = jnp.sign(safe_value) * jnp.exp(jnp.where(redo, log_scale, 0.0)
+                                           + jnp.log(jnp.abs(safe_value)))
+  return jnp.where(redo, in_logs, direct)
+
+
 @dataclasses.dataclass(frozen=True)
 class Divergence:
   """An f-divergence, a small immutable (hashable, jit-static) record.
@@ -391,6 +413,8 @@ def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
   Points where p = 0 contribute the limit π·f'(∞) (+inf for reverse KL, Pearson χ²
   and α > 1 when π > 0 there); points where π = 0 contribute p·f(0); points where
   both vanish contribute 0. Differentiable in `log_pi` wherever the value is finite.
+  Never NaN for non-NaN input: a p (or π) that underflows to 0 next to an
+  infinite f(π/p) (or f(t)/t) gives +inf, not 0·inf. A NaN entry gives NaN.
 
   Args:
     d: a `Divergence` or its name.
@@ -414,13 +438,17 @@ def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
   pi_pos = log_pi > -jnp.inf
   safe_log_p = jnp.where(p_pos, log_p, 0.0)
   safe_log_pi = jnp.where(pi_pos, log_pi, 0.0)
-  # p > 0: p·f(t), with t = 0 (π = 0) handled by f's own limit.
-  log_t = jnp.where(pi_pos, safe_log_pi, -jnp.inf) - safe_log_p
-  # p·f(t), written π·f(t)/t where t > 1 so that a huge ratio cannot overflow.
+  # p > 0: p·f(t), with t = 0 (π = 0) handled by f's own limit. Where p = 0
+  # that branch is not taken: ℓ = 0 there keeps f finite, so that its
+  # gradient cannot turn the zero cotangent into 0·inf = NaN.
+  log_t = jnp.where(p_pos, jnp.where(pi_pos, safe_log_pi, -jnp.inf) - safe_log_p,
+                    0.0)
+  # p·f(t), written π·f(t)/t where t > 1 so that a huge ratio cannot overflow;
+  # a p (or π) that underflows to 0 next to f = inf is not NaN (`_exp_times`).
   above = log_t > 0
   on_support = jnp.where(
-      above, jnp.exp(safe_log_pi) * d.f_over_t(jnp.where(above, log_t, 1.0)),
-      jnp.exp(safe_log_p) * d.f(jnp.where(above, 0.0, log_t)))
+      above, _exp_times(safe_log_pi, d.f_over_t(jnp.where(above, log_t, 1.0))),
+      _exp_times(safe_log_p, d.f(jnp.where(above, 0.0, log_t))))
   # p = 0 < π: π·f'(∞). Where f'(∞) = inf, write the inf only where π > 0.
   slope = d.f_prime_at_inf
   if math.isfinite(slope):
@@ -429,4 +457,6 @@ def exact(d: Divergence | str, log_pi: Array, log_p: Array) -> Array:
     off_support = jnp.full_like(log_pi, slope)
   off_support = jnp.where(pi_pos, off_support, 0.0)
   terms = jnp.where(p_pos, on_support, off_support)
+  # NaN in, NaN out: the tests `> -inf` above would read a NaN as a zero.
+  terms = jnp.where(jnp.isnan(log_pi) | jnp.isnan(log_p), jnp.nan, terms)
   return jnp.sum(terms, axis=-1)

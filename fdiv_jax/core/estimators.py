@@ -13,7 +13,8 @@ as float arrays of shape [N]:
 Everything is a pure function of arrays: no model, no state, no config. All work
 under `jit`, `vmap` and `grad`, in float32 and float64. An optional boolean `mask`
 [N] marks real samples (padding rows are ignored: they neither count in N nor
-contribute).
+contribute; a mask without any real sample gives log Ẑ = −inf and estimates of
+0, the empty mean, rather than NaN).
 
 Shape contracts (rlax style): every per-sample argument must be [N] with one N,
 log_z a scalar or [N], moment features [N] or [N, K]; nothing is broadcast. A
@@ -47,9 +48,11 @@ def _masked(values: Array, mask: Array | None, fill) -> Array:
 
 
 def _count(like: Array, mask: Array | None) -> Array:
+  """The number of real samples, at least 1: a mask without any real sample
+  gives the empty sum (0, or −inf in logs), not 0/0 = NaN."""
   if mask is None:
     return jnp.asarray(like.shape[-1], like.dtype)
-  return jnp.sum(mask, axis=-1).astype(like.dtype)
+  return jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(like.dtype)
 
 
 def _float(*arrays):
@@ -67,7 +70,7 @@ def log_mean_exp(log_values: Array, mask: Array | None = None, axis: int = -1) -
       problems: `jax.vmap`).
 
   Returns:
-    Scalar; −inf when every (unmasked) value is −inf.
+    Scalar; −inf when every (unmasked) value is −inf, or no value is unmasked.
   """
   _checks.samples("log_mean_exp", log_values=log_values, mask=mask)
   (log_values,) = _float(log_values)
@@ -266,14 +269,19 @@ def _terms(d, log_model, log_target, log_proposal, log_z) -> Array:
   log_t = log_model - safe_log_p
   # (p/q)·f(t), written (π/q)·f(t)/t where t > 1: f(t) alone overflows for
   # large t (float32: ℓ > 88) while the term itself is finite.
+  # A weight π/q or p/q beyond the float range next to f = inf or 0 is not
+  # 0·inf = NaN: `_exp_times` forms such products in log space.
   above = log_t > 0
   term_on = jnp.where(
       above,
-      jnp.exp(log_model - log_proposal) * d.f_over_t(jnp.where(above, log_t, 1.0)),
-      jnp.exp(safe_log_p - log_proposal) * d.f(jnp.where(above, 0.0, log_t)))
+      divergences._exp_times(log_model - log_proposal,
+                             d.f_over_t(jnp.where(above, log_t, 1.0))),
+      divergences._exp_times(safe_log_p - log_proposal,
+                             d.f(jnp.where(above, 0.0, log_t))))
   slope = d.f_prime_at_inf
-  term_off = jnp.exp(log_model - log_proposal) * slope if slope != 0 else (
-      jnp.zeros_like(log_model))
+  term_off = divergences._exp_times(
+      log_model - log_proposal, jnp.full_like(log_model, slope)) if slope != 0 else (
+          jnp.zeros_like(log_model))
   # 0·inf would be NaN where π = 0 exactly; such a point contributes nothing.
   term_off = jnp.where(log_model > -jnp.inf, term_off, 0.0)
   return jnp.where(on_support, term_on, term_off)
@@ -347,12 +355,14 @@ def kl_from_base(log_model: Array, log_base: Array, log_proposal: Array,
     mask: optional [N] bool.
 
   Returns:
-    Scalar estimate.
+    Scalar estimate; +inf when a sample has a(x) = 0 < π(x).
   """
   _checks.samples("kl_from_base", log_model=log_model, log_base=log_base,
                   log_proposal=log_proposal, mask=mask)
   log_model, log_base, log_proposal = _float(log_model, log_base, log_proposal)
-  terms = jnp.exp(log_model - log_proposal) * (log_model - log_base)
+  # (π/q)(log π − log a), +inf where a = 0 < π even if π/q underflows, 0 where
+  # π = a even if π/q overflows (`_exp_times`: no 0·inf).
+  terms = divergences._exp_times(log_model - log_proposal, log_model - log_base)
   terms = jnp.where(log_model > -jnp.inf, terms, 0.0)
   terms = _masked(terms, mask, 0.0)
   return jnp.sum(terms, axis=-1) / _count(terms, mask)

@@ -259,7 +259,8 @@ def surrogate(log_model: Array, weights: Array, advantages: Array) -> Array:
 
   Only `log_model` carries a gradient (w and A are stop-gradients here), so
   ∇_θ mean_i s_i = −mean_i w_i A_i ∇_θ log π_θ(x_i), the f-DPG estimate of
-  +∇D_f(π‖p) when A = R − b. Reduce it with `masked_mean`.
+  +∇D_f(π‖p) when A = R − b. Reduce it with `masked_mean`. A sample with
+  log π = −inf and w·A = 0 (π = 0 off-policy: w = π/q = 0) gives s = 0, not NaN.
 
   Args:
     log_model: [N] log π_θ(x_i), differentiable.
@@ -273,7 +274,11 @@ def surrogate(log_model: Array, weights: Array, advantages: Array) -> Array:
                   advantages=advantages)
   weights = jax.lax.stop_gradient(weights)
   advantages = jax.lax.stop_gradient(advantages)
-  return -weights * advantages * log_model
+  scale = weights * advantages
+  # A sample the policy cannot produce (log π = −inf, off-policy only: its
+  # weight π/q is 0) contributes 0, not 0·(−inf) = NaN; a NaN stays NaN.
+  return jnp.where((scale == 0) & (log_model == -jnp.inf), 0.0,
+                   -scale * log_model)
 
 
 def masked_mean(values: Array, mask: Array | None = None) -> Array:

@@ -211,7 +211,8 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
     num_strata: S.
 
   Returns:
-    `Estimate` of D_f(π‖p) (scalars).
+    `Estimate` of D_f(π‖p) (scalars); the standard error is +inf where the
+    value is.
   """
   _checks.samples("divergence", log_model=log_model, log_target=log_target,
                   log_proposal=log_proposal, context_ids=context_ids,
@@ -238,5 +239,10 @@ def divergence(d: divergences.Divergence | str, log_model: Array, log_target: Ar
   relative_w = jnp.where(known[ids], jnp.exp(log_w - safe_log_z[ids]), 0.0)
   psi = terms + (gamma * (1.0 - alpha))[ids] * (relative_w - 1.0)
   var_c = _variance_of_mean(psi, ids, counts, num_contexts, strata, num_strata)
-  var_c = var_c + (gamma * alpha)**2 * prior.relative_variance
+  # (γα)²·Var: squared after the product, so that a γ² beyond the float range
+  # times a variance of 0 (a prior of one sample) is 0, not inf·0 = NaN.
+  var_c = var_c + jnp.square(gamma * alpha * jnp.sqrt(prior.relative_variance))
+  # An infinite estimate (reverse KL with a sample where p = 0 < π, ...) has an
+  # infinite standard error, not the NaN of inf − inf in its spread.
+  var_c = jnp.where(jnp.isinf(mean_c), jnp.inf, var_c)
   return _mean_over_present(mean_c, var_c, counts)
