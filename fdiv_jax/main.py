@@ -42,7 +42,7 @@ def main(argv):
   except ConfigError as e:
     print(f"fdiv_jax: invalid configuration: {e}", file=sys.stderr)
     sys.exit(2)
-  except checkpoint.CheckpointError as e:
+  except (checkpoint.CheckpointError, experiment.WorkdirError) as e:
     print(f"fdiv_jax: {e}", file=sys.stderr)
     sys.exit(3)
   if summary.get("preempted"):

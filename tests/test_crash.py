@@ -333,3 +333,22 @@ def test_an_unwritable_checkpoint_directory_is_a_named_error(tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=f"Cannot open the checkpoint directory {workdir}"):
     train(workdir, 2, toy())
+
+
+def test_an_unwritable_workdir_stops_the_main_job_with_a_named_error(
+    tmp_path, subprocess_env):
+  """`python -m fdiv_jax.main` with a workdir that cannot be created: exit 3
+  and a sentence naming it, not an OSError traceback; nothing is written."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  workdir = blocker / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "fdiv_jax.main",
+       f"--config={os.path.join(ROOT, 'configs', 'toy_exact.py')}:tiny",
+       f"--workdir={workdir}"],
+      capture_output=True, text=True, env=subprocess_env, cwd=ROOT, timeout=300)
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert f"fdiv_jax: Cannot write the workdir '{workdir}'" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert blocker.read_text() == "not a directory"
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]

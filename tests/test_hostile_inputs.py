@@ -2,6 +2,7 @@
 never a traceback from deep inside a library or a silently wrong run.
 
   - a tokenizer.json cut short, or with more ids than the embedding has rows;
+  - a model.safetensors cut short (or a corrupt shard index);
   - a config.json of a model family the importer does not know;
   - a prompts file with invalid UTF-8 or an empty line (`prompts.read_prompts`);
   - a reward that is NaN or -inf for some samples;
@@ -93,6 +94,30 @@ def test_a_tokenizer_with_more_ids_than_embedding_rows_is_a_config_error(hf_dir)
                      match=r"^config\.tokenizer: the tokenizer has 11 ids but the "
                            r"model only 9"):
     tasks.build(spec)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 8 / 5766, 0.0])
+def test_a_truncated_safetensors_file_is_a_named_error(hf_dir, keep):
+  path = hf_dir / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * keep)])
+  with pytest.raises(ValueError, match=rf"^{path}: not a readable safetensors "
+                                       r"file, cut short or corrupt"):
+    models.load_hf_checkpoint(str(hf_dir))
+  # Through the main job's builder: the field that names the directory.
+  spec = tasks.describe(hf_config(hf_dir))
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"^config\.model\.path: {path}: not a readable"):
+    tasks.build(spec)
+
+
+def test_a_corrupt_shard_index_is_a_named_error(hf_dir):
+  (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
+  index = hf_dir / "model.safetensors.index.json"
+  index.write_text('{"metadata": {}, "weight_')
+  with pytest.raises(ValueError, match=rf"^{index}: not a readable safetensors "
+                                       r"index"):
+    models.load_hf_checkpoint(str(hf_dir))
 
 
 def test_a_config_json_of_another_family_is_a_named_error(hf_dir):

@@ -92,12 +92,18 @@ def eval_line(step: int, metrics: dict[str, float], keys: tuple[str, ...],
   return line
 
 
+class WorkdirError(RuntimeError):
+  """The workdir cannot be created or written (`run` stops before training);
+  the message names it."""
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`; returns the summary (module docstring).
 
   Raises:
     config.ConfigError: a bad config value (nothing has been written yet).
     train.CheckpointError: the workdir's checkpoint cannot be restored.
+    WorkdirError: the workdir cannot be created or written.
   """
   spec = tasks.describe(config)
   # Imported only once the config is known good: a bad value fails in about a
@@ -111,9 +117,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   enable_compilation_cache()
   task = tasks.build(spec)  # may raise ConfigError; still nothing written
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(spec.config_json)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(spec.config_json)
+  except OSError as e:  # read-only file system, no permission, a full disk
+    raise WorkdirError(f"Cannot write the workdir {workdir!r} ({e}). Nothing "
+                       "in it was changed; choose another --workdir or make "
+                       "this one writable.") from e
   from fdiv_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   peek = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   start = peek.latest_step() or 0

@@ -507,10 +507,12 @@ def build(spec: RunSpec) -> Task:
   4)`` (the train state's RNG is ``PRNGKey(seed)``).
 
   Raises:
-    ConfigError: a tokenizer with more ids than the model has rows, or a
-      distributional target whose λ cannot be fitted.
+    ConfigError: weights that cannot be read (``config.model.path``), a
+      tokenizer with more ids than the model has rows, or a distributional
+      target whose λ cannot be fitted.
   """
-  model, base_params = spec.model.load(spec.loop.seed)
+  with _config_errors("model.path"):  # a truncated or corrupt weights file
+    model, base_params = spec.model.load(spec.loop.seed)
   tokenizer = spec.tokenizer
   if tokenizer.vocab_size > model.vocab_size:
     raise ConfigError(

@@ -224,8 +224,12 @@ class _Tensors:
       files = {None: single}
       self.where = single
     elif os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a readable safetensors index (a JSON "
+                         f"object with a 'weight_map'): {e!r}") from e
       files = {name: os.path.join(path, shard)
                for name, shard in weight_map.items()}
       self.where = index
@@ -239,7 +243,13 @@ class _Tensors:
       if not os.path.isfile(file):
         raise FileNotFoundError(f"{self.where} names shard {file!r}, which "
                                 "does not exist.")
-      self._handles[file] = stack.enter_context(safe_open(file, "np"))
+      try:
+        self._handles[file] = stack.enter_context(safe_open(file, "np"))
+      except Exception as e:  # safetensors.SafetensorError, OSError
+        raise ValueError(
+            f"{file}: not a readable safetensors file, cut short or corrupt "
+            f"({type(e).__name__}: {e}); download or export it again."
+        ) from e
     self.names = {}
     for file, handle in self._handles.items():
       for name in handle.keys():
@@ -252,7 +262,11 @@ class _Tensors:
 
   def read(self, name: str) -> np.ndarray:
     full, file = self.names[name]
-    return self._handles[file].get_tensor(full)
+    try:
+      return self._handles[file].get_tensor(full)
+    except Exception as e:  # safetensors.SafetensorError, OSError
+      raise ValueError(f"{file}: cannot read tensor {full!r} ({type(e).__name__}: "
+                       f"{e}); the file is corrupt.") from e
 
   def describe(self, name: str, word: str = "tensor") -> str:
     full, file = self.names[name]
