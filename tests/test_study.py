@@ -389,6 +389,26 @@ def test_plan_checks_every_config_and_the_runs_already_there(tmp_path):
     study.plan(config, choices, (0, 1), str(tmp_path))
 
 
+def test_a_field_added_since_a_run_counts_only_off_its_default(tmp_path):
+  """A run recorded before a config field existed matches when the field is
+  at its default now (the project's new fields keep the old behaviour), and
+  not when it is set to something else."""
+  config = load_config("toy_exact")
+  choices = study.parse_divergences("js")
+  (run,) = study.plan(config, choices, (0,), str(tmp_path))
+  recorded = json.loads(json.dumps(run.config_json))
+  # Not yet fields back then:
+  del recorded["lora"], recorded["model"]["remat"], recorded["qrs_samples"]
+  os.makedirs(tmp_path / "js" / "seed0")
+  (tmp_path / "js" / "seed0" / "config.json").write_text(json.dumps(recorded))
+  assert len(study.plan(config, choices, (0,), str(tmp_path))) == 1
+  changed = study.run_config(config, study.Choice("js"), 0)
+  changed.qrs_samples = 64
+  with pytest.raises(study.StudyError,
+                     match=r"config.qrs_samples: None there, 64 now"):
+    study.plan(changed, choices, (0,), str(tmp_path))
+
+
 def test_a_stopped_run_stops_the_study(tmp_path):
   config = load_config("toy_exact")
   with pytest.raises(study.Stopped, match="js seed 0 stopped by SIGTERM") as e:

@@ -197,13 +197,28 @@ def run_config(config, choice: Choice, seed: int):
   return c
 
 
-def _differences(a: Any, b: Any, path: str = "config") -> list[str]:
+_ABSENT = object()
+
+
+def _differences(a: Any, b: Any, path: str = "config",
+                 defaults: Any = _ABSENT) -> list[str]:
+  """The fields where config `a` (now) and `b` (recorded) differ. A field the
+  recorded config lacks (added to the project after that run) is no
+  difference when its value now is its default (`defaults`, the base
+  config): new fields default to the behaviour from before they existed."""
+  if b is _ABSENT and defaults is not _ABSENT and a == defaults:
+    return []
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     out = []
     for key in sorted(set(a) | set(b)):
-      out += _differences(a.get(key), b.get(key), f"{path}.{key}")
+      out += _differences(
+          a.get(key, _ABSENT), b.get(key, _ABSENT), f"{path}.{key}",
+          defaults.get(key, _ABSENT) if isinstance(defaults, Mapping) else _ABSENT)
     return out
-  return [] if a == b else [f"{path}: {b!r} there, {a!r} now"]
+  if a == b:
+    return []
+  show = lambda x: None if x is _ABSENT else x  # pylint: disable=unnecessary-lambda-assignment
+  return [f"{path}: {show(b)!r} there, {show(a)!r} now"]
 
 
 def _read_json(path: str) -> Any:
@@ -220,7 +235,9 @@ def plan(config, choices: Sequence[Choice], seeds: Sequence[int],
     StudyError: a run directory in `workdir` holds a run of another config
       (finished: its summary.json; started: its config.json).
   """
+  from fdiv_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
   from fdiv_jax.run import tasks  # pylint: disable=g-import-not-at-top
+  defaults = json.loads(config_lib.base_config().to_json_best_effort())
   if not choices:
     raise StudyError("--divergences: no divergence given.")
   if not seeds:
@@ -246,7 +263,7 @@ def plan(config, choices: Sequence[Choice], seeds: Sequence[int],
       raise StudyError(f"{run.name}: cannot read {path}: {e}") from None
     if run.done:
       recorded = recorded.get("config", {})
-    diff = _differences(run.config_json, recorded)
+    diff = _differences(run.config_json, recorded, defaults=defaults)
     if diff:
       raise StudyError(
           f"{run.name}: {path} is a run of another config ({'; '.join(diff[:5])}"
