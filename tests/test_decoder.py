@@ -107,7 +107,7 @@ def test_cached_decoding_matches_full_forward(name):
                            MASK[:, lo:hi], cache)
     outs.append(logits)
   assert int(cache["index"]) == 12
-  assert cache["layers"][0][0].shape == (3, 14, model.config.num_key_value_heads,
+  assert cache["layers"][0][0].shape == (3, model.config.num_key_value_heads, 14,
                                          model.config.head_dim)
   err = np.max(np.abs(np.concatenate(outs, 1) - np.asarray(full))[MASK])
   assert err < 1e-5, err

@@ -133,6 +133,45 @@ def test_cached_and_uncached_samplers_agree():
   np.testing.assert_allclose(cached.log_q, uncached.log_q, atol=1e-5)
 
 
+def test_segment_ends_cover_the_new_tokens_in_few_segments():
+  assert sampling._segment_ends(32) == (32,)
+  assert sampling._segment_ends(64) == (64,)
+  assert sampling._segment_ends(512) == (128, 256, 384, 512)
+  for n in (1, 63, 65, 200, 1000, 4097):
+    ends = sampling._segment_ends(n)
+    assert ends[-1] == n and len(ends) <= sampling._MAX_SEGMENTS
+    assert all(b > a for a, b in zip(ends, ends[1:]))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "lstm", "decoder"])
+def test_a_cache_grown_in_segments_samples_as_one_full_cache(kind, monkeypatch):
+  """The cache grows between loop segments (copied into a longer one); a
+  model whose cache does not grow (the LSTM) keeps its state. Same draws and
+  log q as the uncached sampler, and log q equals a rescoring."""
+  if kind == "decoder":
+    model = models.DecoderLM(models.DecoderConfig(
+        vocab_size=8, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=24))
+    params = jax.tree.map(lambda x: 2.0 * x, jax.jit(model.init)(
+        jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+  else:
+    model, params = _model(kind, 8, 2.0)
+  monkeypatch.setattr(sampling, "_MIN_SEGMENT", 4)
+  assert sampling._segment_ends(10) == (4, 8, 10)
+  prompts, lengths = _ragged_prompts()
+  config = sampling.SamplerConfig(max_new_tokens=10, eos_id=None, pad_id=PAD)
+  cached = sampling.make_sampler(model, config)(
+      params, jax.random.key(5), prompts, lengths)
+  uncached = sampling.make_sampler(model, config, use_cache=False)(
+      params, jax.random.key(5), prompts, lengths)
+  np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+  np.testing.assert_allclose(cached.log_q, uncached.log_q, atol=1e-5)
+  _, lp = _jit_scorer(model)(params, prompts, lengths, cached.tokens,
+                             cached.mask, warping=config.warping)
+  np.testing.assert_allclose(cached.log_q, lp, atol=1e-5, rtol=0)
+
+
 def _enumerate(vocab, num_new):
   """All continuations: EOS-terminated ones and length-capped ones."""
   words = [t for t in range(vocab) if t != EOS]

@@ -224,6 +224,37 @@ def _draw(state: _State, rng: Array, config: SamplerConfig):
   return state, token, active
 
 
+# A decode step attends over every column of the cache (unwritten ones are
+# masked, not skipped), so its attention costs O(cache length). The loop runs
+# in at most _MAX_SEGMENTS segments of at least _MIN_SEGMENT steps, each with
+# a cache just long enough for it: the mean attended length is about
+# (1/2 + 1/(2·segments)) of prompt + new tokens instead of all of it, for a few
+# more compiled loop bodies. benchmarks/decode.py measures the effect.
+_MIN_SEGMENT = 64
+_MAX_SEGMENTS = 4
+
+
+def _segment_ends(num_new: int) -> Tuple[int, ...]:
+  """The new-token count at the end of each segment of the decode loop
+  (static), the last one ``num_new``: e.g. (32,) for 32, (128, 256, 384, 512)
+  for 512."""
+  size = max(_MIN_SEGMENT, -(-num_new // _MAX_SEGMENTS))
+  return tuple(range(size, num_new, size)) + (num_new,)
+
+
+def _grow_cache(cache, empty):
+  """``cache`` copied into the start of ``empty``, a longer cache of the same
+  model (``init_cache`` with a larger ``max_length``): leaves whose shape does
+  not depend on the length (the index, an LSTM's state) are kept as they are;
+  the others are the prefix of the longer ones along their length axis."""
+  def grow(old, new):
+    if old.shape == new.shape:
+      return old
+    return jax.lax.dynamic_update_slice(new, old.astype(new.dtype),
+                                        (0,) * old.ndim)
+  return jax.tree.map(grow, cache, empty)
+
+
 def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
            config: SamplerConfig, *, use_cache: bool = True) -> SampleOutput:
   """Ancestral sampling of ``config.max_new_tokens`` tokens per prompt.
@@ -231,7 +262,9 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
   Pure and traceable inside an outer ``jax.jit`` (with ``model`` and
   ``config`` static). Cost per step with the cache: one ``decode`` of one
   token per row plus O(V) warping (O(V log V) only when top_p < 1 without
-  top_k).
+  top_k). The cache is sized to prompt + new tokens, never to the model's
+  maximum positions, and grows with the loop (``_segment_ends``), so the
+  attention of a step reads about as many columns as have been written.
 
   Args:
     model: a ``fdiv_jax.lm.models.base.LanguageModel``.
@@ -267,8 +300,11 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
                                           axis=1, keepdims=False)
     return model.apply(variables, hidden, method="unembed")
 
+  # Cache columns per segment of the loop (see _segment_ends); the last
+  # segment's cache holds exactly prompt + new tokens.
+  ends = _segment_ends(num_new) if use_cache else (num_new,)
   if use_cache:
-    cache = model.init_cache(batch, total)
+    cache = model.init_cache(batch, num_prompt + ends[0])
     logits, cache = model.apply(
         variables, prompts, base.default_positions(prompts, prompt_valid),
         prompt_valid, cache, method="decode")
@@ -303,10 +339,16 @@ def sample(model, params, rng: Array, prompts: Array, prompt_lengths: Array,
       logits = next_logits_uncached(state)
     return state._replace(step=state.step + 1, logits=logits, cache=cache)
 
-  def cond(state: _State) -> Array:
-    return (state.step < num_new - 1) & ~jnp.all(state.done)
+  for i, end in enumerate(ends):
+    if i > 0:
+      state = state._replace(cache=_grow_cache(
+          state.cache, model.init_cache(batch, num_prompt + end)))
+    last = min(end, num_new - 1)  # step s writes cache column P + s
 
-  state = jax.lax.while_loop(cond, body, state)
+    def cond(state: _State, last=last) -> Array:
+      return (state.step < last) & ~jnp.all(state.done)
+
+    state = jax.lax.while_loop(cond, body, state)
   # The last column needs no decode after it (a finished batch samples pads).
   state, _, _ = _draw(state, rng, config)
   return SampleOutput(tokens=state.tokens, mask=state.mask,

@@ -27,7 +27,11 @@ except ``init_cache``, which needs no parameters)::
 
   model.init_cache(batch_size, max_length) -> cache
       A pytree of zero-filled arrays, called on the unbound module. The cache
-      holds up to ``max_length`` tokens (prompt plus generated ones).
+      holds up to ``max_length`` tokens (prompt plus generated ones). The
+      caches of two lengths have the same structure and dtypes, and a leaf
+      either does not depend on the length or grows along one axis, the
+      shorter cache's columns being the first of the longer one's (the
+      sampler grows its cache as it decodes).
 
   model.apply(v, tokens, positions, attention_mask, cache, method="decode")
       -> (logits float32 [B, T, V], new_cache)

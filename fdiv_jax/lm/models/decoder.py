@@ -350,21 +350,22 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Grouped-query attention, softmax in float32.
 
   Args:
-    q: [B, T, H, Dh]. k, v: [B, S, KV, Dh] with KV dividing H (query head h
-      reads key/value head ``h // (H / KV)``). mask: bool [B, T, S].
+    q: [B, T, H, Dh]. k, v: [B, KV, S, Dh], heads-major as the KV cache
+      (see ``gpt2.attend``), with KV dividing H (query head h reads key/value
+      head ``h // (H / KV)``). mask: bool [B, T, S].
 
   Returns:
     [B, T, H, Dh] in the dtype of ``v``. A query with no allowed key gets a
     finite (uniform) average.
   """
   batch, length, heads, dim = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k,
                       preferred_element_type=jnp.float32) * (dim ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", weights, v)
   return out.reshape(batch, length, heads, dim)
 
 
@@ -396,12 +397,13 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # heads-major, as the cache
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                       (0, index, 0, 0))
+                                       (0, 0, index, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                       (0, index, 0, 0))
+                                       (0, 0, index, 0))
       kv_cache = (k, v)
     y = attend(q, k, v, mask).reshape(batch, length, -1)
     return self.o_proj(y), kv_cache
@@ -441,7 +443,7 @@ class Block(nn.Module):
     Args:
       x: [B, T, D]. mask: bool [B, T, S], the keys each query may see.
       cos, sin: [B, T, head_dim] rotation of the T new tokens.
-      kv_cache: optional ``(k, v)`` [B, S, KV, Dh]; the new keys (rotated) and
+      kv_cache: optional ``(k, v)`` [B, KV, S, Dh]; the new keys (rotated) and
         values are written at columns ``index .. index + T - 1``.
       index: int32 scalar, the cache column of ``x[:, 0]``.
 
@@ -463,7 +465,7 @@ class DecoderLM(nn.Module):
   hidden states [B, T, D] after ``norm`` when ``return_hidden``).
 
   The decode cache is a dict ``{"layers": ((k, v), ...), "mask", "index"}``
-  with ``k, v`` of shape [B, S, KV, Dh] in ``dtype`` (keys stored after the
+  with ``k, v`` of shape [B, KV, S, Dh] in ``dtype`` (keys stored after the
   rotation), ``mask`` bool [B, S] (which columns hold real tokens) and
   ``index`` int32 (next free column), as in ``GPT2LM``.
   """
@@ -550,7 +552,7 @@ class DecoderLM(nn.Module):
     """Empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
     base.check_length(max_length, self.max_positions, "cache")
     cfg = self.config
-    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
     layers = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
                    for _ in range(cfg.num_hidden_layers))
     return {"layers": layers,
