@@ -239,8 +239,11 @@ def _write_hf_checkpoint(path):
   tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
   tok.save(os.path.join(path, "tokenizer.json"))
   torch.manual_seed(0)
+  # The EOS id of generation_config.json must be an id of the tokenizer (the
+  # GPT2Config default, 50256, is not one of these 9).
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=len(words), n_positions=12, n_embd=16, n_layer=1, n_head=2))
+      vocab_size=len(words), n_positions=12, n_embd=16, n_layer=1, n_head=2,
+      bos_token_id=0, eos_token_id=0))
   model.save_pretrained(path)
 
 

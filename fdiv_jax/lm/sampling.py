@@ -28,7 +28,7 @@ row has emitted EOS.
 """
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,18 +50,29 @@ class SamplerConfig:
     temperature: τ > 0.
     top_k: 0 = off.
     top_p: 1 = off.
-    eos_id: end-of-sequence token; None = always generate N tokens.
+    eos_id: end-of-sequence token, or a tuple of them (any one ends a
+      sample, e.g. the ``eos_token_id`` list of a ``generation_config.json``;
+      a one-id tuple or list becomes that id); None = always generate N
+      tokens.
     pad_id: token written after EOS.
   """
   max_new_tokens: int
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  eos_id: Optional[int] = None
+  eos_id: Optional[Union[int, Tuple[int, ...]]] = None
   pad_id: int = 0
 
   def __post_init__(self):
     _values.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+    if isinstance(self.eos_id, (list, tuple)):
+      ids = tuple(self.eos_id)
+      if not ids or not all(isinstance(i, (int, np.integer))
+                            and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_id: must be an id or a non-empty tuple of ids, "
+                         f"got {self.eos_id!r}.")
+      ids = tuple(int(i) for i in ids)
+      object.__setattr__(self, "eos_id", ids[0] if len(ids) == 1 else ids)
     self.warping  # Validates temperature, top_k and top_p.
 
   @property
@@ -212,7 +223,9 @@ def _draw(state: _State, rng: Array, config: SamplerConfig):
   token = jnp.where(active, token, config.pad_id)
   token_log_q = jnp.where(active, token_log_q, 0.0)
   done = state.done
-  if config.eos_id is not None:
+  if isinstance(config.eos_id, tuple):
+    done = done | jnp.isin(token, jnp.asarray(config.eos_id, jnp.int32))
+  elif config.eos_id is not None:
     done = done | (token == config.eos_id)
   column = (0, state.step)
   state = state._replace(

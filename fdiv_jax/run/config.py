@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "random" (uniform, seeded by (seed, step)).
   c.prompts = ()
   c.prompt_sampling = "cycle"
+  # tokenizer "hf": each prompt as one user turn of the chat template of
+  # model.path/tokenizer_config.json (jinja2), the assistant's turn opened.
+  c.chat_template = False
   # Exact metrics by enumeration (toy spaces only): `tasks.Task.support`.
   c.exact_metrics = False
   # Target (`fdiv_jax.targets.TargetSpec`). Feature specs are a registry

@@ -2,7 +2,9 @@
 
 Unconditional generation has one prompt, a BOS token. Otherwise the task is
 conditional (CDPG: one log Z per prompt): prompt i is ``[BOS] + encode(text)``,
-left-padded to the longest, and a batch row gets prompt i by the sampling rule:
+or with a chat template ``encode(apply_chat_template(text))`` (the template
+writes its own BOS, as ``transformers`` does), left-padded to the longest, and
+a batch row gets prompt i by the sampling rule:
 
   "cycle"   row r of step s gets prompt (s · B + r) mod C, so every prompt is
             seen equally often;
@@ -95,13 +97,17 @@ class Prompts:
 
   @classmethod
   def encode(cls, texts: Sequence[str], tokenizer, *, sampling_rule: str = "cycle",
-             seed: int = 0) -> "Prompts":
-    """Encodes `texts` with `tokenizer` (its BOS and pad ids).
+             seed: int = 0, chat_template: bool = False) -> "Prompts":
+    """Encodes `texts` with `tokenizer` (its BOS and pad ids); with
+    `chat_template`, each text as one user turn of the tokenizer's chat
+    template (`tokenization.HFTokenizer.apply_chat_template`), the
+    assistant's turn opened.
 
     Raises:
       ValueError: "prompts: ..." for texts that are not a tuple of non-empty
-        strings or that the tokenizer cannot encode; "prompt_sampling: ..."
-        for an unknown rule.
+        strings or that the tokenizer cannot encode; "chat_template: ..." for a
+        tokenizer without a template (or one that fails); "prompt_sampling:
+        ..." for an unknown rule.
     """
     if isinstance(texts, (str, bytes)) or not isinstance(texts, (tuple, list)):
       raise ValueError(f"prompts: must be a tuple of strings, got {texts!r}.")
@@ -110,8 +116,20 @@ class Prompts:
         raise ValueError(f"prompts: entry {i} must be a non-empty string, got "
                          f"{text!r}.")
     _values.choice("prompt_sampling", sampling_rule, SAMPLING)
+    _values.boolean("chat_template", chat_template)
+    if chat_template:
+      if not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError(f"chat_template: needs a Hugging Face tokenizer "
+                         f"(tokenizer='hf'), not {type(tokenizer).__name__}.")
+      try:
+        texts_in = [tokenizer.apply_chat_template(t) for t in texts]
+      except ValueError as e:
+        raise ValueError(f"chat_template: {e}") from e
     try:
-      ids = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
+      if chat_template:
+        ids = [tokenizer.encode(t) for t in texts_in]
+      else:
+        ids = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
     except ValueError as e:
       raise ValueError(f"prompts: {e}") from e
     tokens, lengths = sampling.pad_prompts(ids or [[tokenizer.bos_id]],

@@ -191,12 +191,13 @@ def describe(config) -> RunSpec:
                       temperature="temperature", top_k="top_k", top_p="top_p"):
     sampler = sampling.SamplerConfig(
         max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-        top_k=c.top_k, top_p=c.top_p, eos_id=tokenizer.eos_id,
+        top_k=c.top_k, top_p=c.top_p, eos_id=tokenizer.eos_ids,
         pad_id=tokenizer.pad_id)
   with _config_errors("prompts", prompts="prompts",
-                      prompt_sampling="prompt_sampling"):
+                      prompt_sampling="prompt_sampling",
+                      chat_template="chat_template"):
     prompts = Prompts.encode(c.prompts, tokenizer, sampling_rule=c.prompt_sampling,
-                             seed=c.seed)
+                             seed=c.seed, chat_template=c.chat_template)
   with _config_errors("model.path", **model_fields):
     check_positions(sampler.max_new_tokens, prompts.length, model.max_positions)
   with _config_errors("target.kind", prefix="target.",

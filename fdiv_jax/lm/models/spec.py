@@ -168,7 +168,9 @@ class ModelSpec:
       path = os.path.join(self.path, "tokenizer.json")
       if not os.path.isfile(path):
         raise ValueError(f"tokenizer: 'hf' needs {path}.")
-      return tokenization.HFTokenizer.from_file(path)
+      # With the EOS ids of generation_config.json and the chat template of
+      # tokenizer_config.json, when the directory has them.
+      return tokenization.HFTokenizer.from_directory(self.path)
     if name == "toy":
       if self.kind not in ("gpt2", "lstm"):
         raise ValueError("tokenizer: 'toy' needs a randomly initialised model "
