@@ -1,8 +1,12 @@
 """The main job on Hugging Face checkpoints (`--config.model.kind=hf
 --config.tokenizer=hf`): two f-DPG steps through `fdiv_jax.run.experiment.run`
-for a tiny Llama and a tiny Qwen2, LoRA on and off; one step then a resumed
-second equals two straight steps bit for bit; `export_hf` writes the evaluated
-policy (EMA, LoRA merged) that transformers loads with the same logits."""
+for a tiny Llama, Qwen2, Mistral (sliding window shorter than prompt + new
+tokens) and Qwen3 (q/k norms), LoRA on and off; `export_hf` writes the
+evaluated policy (EMA, LoRA merged) that transformers loads with the same
+logits. One step then a resumed second equals two straight steps bit for bit,
+checked once with LoRA (Llama) and once without (Qwen2): resuming does not
+depend on the family, and each resume check costs two more runs of the main
+job."""
 
 import os
 
@@ -32,8 +36,14 @@ _SIZES = dict(vocab_size=24, hidden_size=32, intermediate_size=48,
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**_SIZES),
     "qwen2": lambda: transformers.Qwen2Config(**_SIZES, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**_SIZES, sliding_window=3),
+    "qwen3": lambda: transformers.Qwen3Config(**_SIZES, head_dim=16),
 }
 RANK = 4
+# (family, rank, resume): every family runs two steps and exports; resume is
+# checked for LoRA on and off.
+CASES = [("llama", RANK, True), ("llama", 0, False), ("qwen2", 0, True),
+         ("qwen2", RANK, False), ("mistral", RANK, False), ("qwen3", 0, False)]
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +97,28 @@ def _hf_logits(path, tokens, mask):
                  ).logits.numpy()
 
 
-@pytest.mark.parametrize("rank", [0, RANK], ids=["full", "lora"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_two_steps_resume_and_export(checkpoints, family, rank, tmp_path):
+@pytest.mark.parametrize(
+    "family,rank,resume", CASES,
+    ids=[f"{f}-{'lora' if r else 'full'}{'-resume' if x else ''}"
+         for f, r, x in CASES])
+def test_two_steps_resume_and_export(checkpoints, family, rank, resume, tmp_path):
   path = checkpoints[family]
   straight = experiment.run(_config(path, rank, 2), str(tmp_path / "straight"))
-  first = experiment.run(_config(path, rank, 1), str(tmp_path / "split"))
-  resumed = experiment.run(_config(path, rank, 2), str(tmp_path / "split"))
-  assert (straight["step"], first["step"], resumed["step"]) == (2, 1, 2)
-  # Resume: the whole state at step 2 is the straight run's, bit for bit.
-  a, b = _checkpoint(tmp_path / "straight"), _checkpoint(tmp_path / "split")
-  leaves_a = jax.tree_util.tree_leaves_with_path(a)
-  leaves_b = jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-  for (p, x), (_, y) in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
-  assert straight["alignment"] == resumed["alignment"]
-  if rank and family == "llama":
+  assert straight["step"] == 2
+  a = _checkpoint(tmp_path / "straight")
+  if resume:
+    first = experiment.run(_config(path, rank, 1), str(tmp_path / "split"))
+    resumed = experiment.run(_config(path, rank, 2), str(tmp_path / "split"))
+    assert (first["step"], resumed["step"]) == (1, 2)
+    # Resume: the whole state at step 2 is the straight run's, bit for bit.
+    b = _checkpoint(tmp_path / "split")
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (p, x), (_, y) in zip(leaves_a, leaves_b):
+      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
+    assert straight["alignment"] == resumed["alignment"]
+  if rank and resume:
     # Resuming with another α (same shapes) is another run: refused by name.
     other = _config(path, rank, 3)
     other.lora.alpha = 8.0
