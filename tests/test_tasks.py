@@ -30,6 +30,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs")
 CONFIG_NAMES = ("quickstart", "pointwise_word", "distributional_balance",
                 "sentiment_rlhf", "code_compilable", "toy_exact")
+# Trained from preference data or a learned reward (which needs a trained
+# reward model): run end to end by tests/test_preference_train.py.
+PREFERENCE_CONFIG_NAMES = ("preference_pairs", "preference_lists",
+                           "rlhf_learned_reward")
 
 
 def load_config(name: str, size: str = "tiny"):
@@ -53,7 +57,7 @@ def build(config):
 def test_every_config_file_is_tested():
   found = {f[:-3] for f in os.listdir(CONFIG_DIR)
            if f.endswith(".py") and not f.startswith("_")}
-  assert found == set(CONFIG_NAMES)
+  assert found == set(CONFIG_NAMES) | set(PREFERENCE_CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

@@ -141,6 +141,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.target.beta = 1.0            # reward: temperature β > 0
   c.target.reward = ""           # reward: one feature spec, e.g. "sentiment"
   c.target.fit_samples = 2048    # distributional: samples from a to fit λ
+  # A feature spec (as target.features): when set, every evaluation's
+  # `alignment` is E_π of this feature, the ground truth, instead of the
+  # target's own (a learned reward r(x)); the target's features stay
+  # moment/<name>. `configs/rlhf_learned_reward.py` sets the rule its pairs
+  # were labelled by.
+  c.ground_truth = ""
+  # Offline preference optimisation (`fdiv_jax.run.preference`): with an
+  # objective, the main job trains π from fixed data against the frozen base
+  # model π_ref = a, with the f of `divergence`, instead of by f-DPG. The
+  # target above is then the ground truth the evaluation reports.
+  c.preference = ml_collections.ConfigDict()
+  c.preference.objective = ""    # "" (f-DPG), "fdpo" (pairs) or "fpo" (lists)
+  c.preference.train_file = ""   # JSONL (`fdiv_jax.run.preference_data`)
+  c.preference.eval_file = ""    # held-out JSONL of the same format, or ""
+  c.preference.beta = 0.1        # β of D_f(π‖π_ref)
+  c.preference.reward_temperature = 1.0  # f-PO: π̂* ∝ π_ref·exp(r/T)
+  # The Bradley–Terry reward model (`python -m fdiv_jax.reward`), trained on
+  # the pairs of preference.train_file (held out: preference.eval_file).
+  c.reward_model = ml_collections.ConfigDict()
+  c.reward_model.init = "base"   # "base": the weights of model.*; "random"
+  c.reward_model.n_layer = 2     # "random": a GPT-2 of these sizes
+  c.reward_model.n_head = 2
+  c.reward_model.n_embd = 64
+  c.reward_model.num_steps = 600
+  c.reward_model.batch_size = 32
+  c.reward_model.learning_rate = 1e-4
+  c.reward_model.eval_every = 100
+  c.reward_model.checkpoint_every = 100
   return c
 
 
@@ -165,6 +193,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval_batch_size = max(8, 2 * c.num_samples_md * max(1, len(c.prompts)))
   c.max_new_tokens = min(c.max_new_tokens, 8)
   c.target.fit_samples = min(c.target.fit_samples, 64)
+  c.reward_model.num_steps = min(c.reward_model.num_steps, 3)
+  c.reward_model.batch_size = min(c.reward_model.batch_size, 4)
+  c.reward_model.eval_every = c.reward_model.checkpoint_every = 2
   if c.model.kind in ("gpt2", "lstm") and c.tokenizer != "toy":
     c.model.n_layer = 1
     c.model.n_head = 2

@@ -105,6 +105,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     train.CheckpointError: the workdir's checkpoint cannot be restored.
     WorkdirError: the workdir cannot be created or written.
   """
+  if config.get("preference", {}).get("objective"):  # offline f-DPO / f-PO
+    from fdiv_jax.run import preference  # pylint: disable=g-import-not-at-top
+    return preference.run(config, workdir)
   spec = tasks.describe(config)
   # Imported only once the config is known good: a bad value fails in about a
   # second instead of after loading plotting, TensorBoard and text metrics.

@@ -22,6 +22,9 @@ lora.*                              ``models.LoRAConfig`` (targets resolved
                                     for the model's family)
 prompts, prompt_sampling            ``prompts.Prompts``
 target.*                            ``targets.TargetSpec``
+ground_truth                        a feature spec (``targets.features``)
+preference.*                        ``run.preference_data.PreferenceSpec``
+                                    (the data files read and checked)
 ==================================  ==========================================
 
 Constructors raise ValueError (or TypeError) whose message starts with the
@@ -55,6 +58,7 @@ from fdiv_jax import targets as targets_lib
 from fdiv_jax.core import _values, baselines, divergences, estimators
 from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.lm.models import lora as lora_lib
+from fdiv_jax.run import preference_data
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.run.prompts import Prompts
 from fdiv_jax.train import loop as loop_lib
@@ -119,6 +123,11 @@ class RunSpec:
     config_json: the config as JSON, for the workdir and the summary.
     lora: the LoRA adapters (rank 0 = none; targets resolved).
     export_hf: write the trained policy as a Hugging Face checkpoint.
+    preference: offline preference training (``config.preference``:
+      ``run.preference_data.PreferenceSpec``, its data read and checked), or
+      None for f-DPG.
+    ground_truth: ``config.ground_truth``, the feature spec every evaluation
+      reports as ``alignment`` ("" = the target's own).
   """
   loop: loop_lib.LoopConfig
   step: step_lib.StepConfig
@@ -134,6 +143,8 @@ class RunSpec:
   config_json: str
   lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
   export_hf: bool = False
+  preference: Any = None
+  ground_truth: Any = ""
 
 
 def _divergence(c) -> divergences.Divergence:
@@ -214,6 +225,14 @@ def describe(config) -> RunSpec:
     _values.integer("num_samples_md", c.num_samples_md, minimum=0)
     _values.integer("qrs_samples", c.qrs_samples, minimum=0)
     _values.boolean("allow_truncated_proposal", c.allow_truncated_proposal)
+  ground_truth = c.get("ground_truth", "")
+  if ground_truth:
+    with _config_errors("ground_truth"):
+      targets_lib.features.from_spec(ground_truth, decode=tokenizer.batch_decode,
+                                     encode=tokenizer.encode)
+  preference = preference_data.describe(
+      c, step=step, tokenizer=tokenizer, max_new_tokens=sampler.max_new_tokens,
+      max_positions=model.max_positions)
   if c.exact_metrics:
     _check_exact_metrics(model, prompts, sampler.max_new_tokens)
   _check_proposal(sampler, step, target, c.allow_truncated_proposal)
@@ -230,7 +249,8 @@ def describe(config) -> RunSpec:
                  exact_metrics=c.exact_metrics, num_samples_md=c.num_samples_md,
                  qrs_samples=c.qrs_samples,
                  config_json=c.to_json_best_effort(indent=2), lora=lora,
-                 export_hf=export_hf)
+                 export_hf=export_hf, preference=preference,
+                 ground_truth=ground_truth)
 
 
 def _describe_lora_and_export(c, model: models.ModelSpec,
@@ -527,6 +547,10 @@ def build(spec: RunSpec) -> Task:
         target, model, base_params, spec.prompts, spec.sampler, fit_samples,
         min(fit_samples, spec.loop.eval_batch_size),
         jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 2))
+  if spec.ground_truth:  # reported as `alignment`: run.reward.GroundTruthTarget
+    from fdiv_jax.run import reward  # pylint: disable=g-import-not-at-top
+    target = reward.GroundTruthTarget(target, targets_lib.features.from_spec(
+        spec.ground_truth, decode=tokenizer.batch_decode, encode=tokenizer.encode))
   if spec.prompts.is_conditional:
     target = targets_lib.ConditionalTarget(target)
   support = None

@@ -26,6 +26,10 @@ Two kinds of feature:
   ``decode(tokens np.int32[B, N], mask np.bool_[B, N]) -> list[str]``, e.g.
   ``tokenizer.batch_decode``.
 
+A third kind: :func:`learned_reward`, the r(x) of a Bradley–Terry reward
+model trained by ``python -m fdiv_jax.reward`` (pure JAX, its weights read
+from the model directory at the first call).
+
 Offline packages used by text features (no download at run time):
 ``vaderSentiment`` (lexicon sentiment scorer) and ``alt-profanity-check``
 (linear classifier on scikit-learn, module ``profanity_check``).
@@ -42,7 +46,9 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import math
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -404,6 +410,125 @@ def python_compiles(decode: DecodeFn, name: str = "python_compiles",
 
 
 # --------------------------------------------------------------------------
+# A learned reward: a Bradley–Terry reward model trained by
+# `python -m fdiv_jax.reward` (`fdiv_jax.run.reward`).
+# --------------------------------------------------------------------------
+
+REWARD_MODEL_CONFIG = "reward_model.json"
+REWARD_MODEL_PARAMS = "params.msgpack"
+REWARD_MODEL_FORMAT = "fdiv_jax.reward_model/1"
+
+
+def read_reward_model_config(path: str) -> dict[str, Any]:
+  """``path/reward_model.json`` of a reward model directory, checked.
+
+  Raises:
+    ValueError: ``"learned_reward.path: ..."`` naming the path: no such
+      directory or files, or not a reward model of this format.
+  """
+  config_path = os.path.join(path, REWARD_MODEL_CONFIG)
+  hint = ("train one with `python -m fdiv_jax.reward --config=configs/"
+          "preference_pairs.py --workdir=DIR` and pass DIR/model")
+  if not os.path.isfile(config_path):
+    raise ValueError(f"learned_reward.path: no reward model at {path!r} (no "
+                     f"{REWARD_MODEL_CONFIG}); {hint}.")
+  if not os.path.isfile(os.path.join(path, REWARD_MODEL_PARAMS)):
+    raise ValueError(f"learned_reward.path: {path!r} has no {REWARD_MODEL_PARAMS}.")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"learned_reward.path: cannot read {config_path}: {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != REWARD_MODEL_FORMAT:
+    raise ValueError(f"learned_reward.path: {config_path} is not a reward model "
+                     f"of format {REWARD_MODEL_FORMAT!r}.")
+  return meta
+
+
+@functools.lru_cache(maxsize=4)
+def _load_reward_model(path: str, stamp: tuple):
+  """(RewardModel, params, BOS id) of a reward model directory; cached by the
+  path and the files' modification times (``stamp``)."""
+  del stamp
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.lm import models  # pylint: disable=g-import-not-at-top
+  from fdiv_jax.targets import reward_model  # pylint: disable=g-import-not-at-top
+  meta = read_reward_model_config(path)
+  fields = dict(meta["backbone_config"])
+  for key in ("dtype", "param_dtype"):
+    fields[key] = jnp.dtype(fields[key]).type
+  model = reward_model.RewardModel(models.GPT2LM(models.GPT2Config(**fields)))
+  width = 1 + int(meta.get("max_new_tokens", 1))
+  template = jax.eval_shape(lambda: model.init(  # shapes only, trace-safe
+      jax.random.key(0), jnp.zeros((1, width), jnp.int32),
+      jnp.ones((1, width), bool)))["params"]
+  template = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), template)
+  with open(os.path.join(path, REWARD_MODEL_PARAMS), "rb") as f:
+    params = flax.serialization.from_bytes(template, f.read())
+  # NumPy, not jax.Array: the first call may come while a jitted function is
+  # traced, and a jnp array made there would be a tracer kept in the cache.
+  return (model, jax.tree.map(np.asarray, params),
+          int(meta["tokenizer"]["bos_id"]))
+
+
+def load_reward_model(path: str):
+  """``(RewardModel, params, bos_id)`` of a directory written by
+  `fdiv_jax.run.reward.save_reward_model` (cached)."""
+  path = os.path.abspath(path)
+  read_reward_model_config(path)
+  stamp = tuple(os.path.getmtime(os.path.join(path, f))
+                for f in (REWARD_MODEL_CONFIG, REWARD_MODEL_PARAMS))
+  return _load_reward_model(path, stamp)
+
+
+def reward_model_rows(tokens: Array, mask: Array, context: Context,
+                      bos_id: int) -> tuple[Array, Array]:
+  """What a reward model scores: ``[BOS] + prompt + continuation``,
+  right-packed (``[B, P + N]`` with a context, ``[B, 1 + N]`` without one,
+  where the context's left-padded prompts start with BOS themselves)."""
+  if context is None:
+    bos = jnp.full((tokens.shape[0], 1), bos_id, tokens.dtype)
+    return (jnp.concatenate([bos, tokens], axis=1),
+            jnp.concatenate([jnp.ones((tokens.shape[0], 1), bool), mask], axis=1))
+  prompts = jnp.asarray(context["prompts"]).astype(tokens.dtype)
+  width = prompts.shape[1]
+  start = width - jnp.asarray(context["prompt_lengths"])[:, None]
+  valid = jnp.concatenate([jnp.arange(width)[None, :] >= start,
+                           jnp.asarray(mask, bool)], axis=1)
+  full = jnp.concatenate([prompts, tokens], axis=1)
+  order = jnp.argsort(~valid, axis=1, stable=True)  # real tokens first
+  return (jnp.take_along_axis(full, order, axis=1),
+          jnp.take_along_axis(valid, order, axis=1))
+
+
+def learned_reward(path: str, name: str = "learned_reward") -> Feature:
+  """r(x) of a Bradley–Terry reward model trained by ``python -m fdiv_jax.reward``.
+
+  ``path`` is the model directory the command writes (``<workdir>/model``:
+  ``reward_model.json`` and ``params.msgpack``; relative paths are taken from
+  the current directory). The directory is checked when the feature is built;
+  the weights are read at the first call and closed over by the jitted
+  function that uses it (a constant). The model scores ``[BOS] + prompt +
+  continuation`` (the prompt from the context, when there is one), as it was
+  trained. Use it as ``target.reward`` of a reward target,
+  P(x) = a(x)·exp(r(x)/β): ``"learned_reward:path=workdir/reward/model"``.
+
+  Raises:
+    ValueError: ``"learned_reward.path: ..."`` when the directory holds no
+      reward model (the message says how to train one).
+  """
+  path = os.path.abspath(path)
+  read_reward_model_config(path)
+
+  def fn(tokens, mask, context=None):
+    model, params, bos_id = load_reward_model(path)
+    rows, rows_mask = reward_model_rows(tokens, mask, context, bos_id)
+    return model.apply({"params": params}, rows, rows_mask)
+
+  return Feature(name, fn, False, (-_INF, _INF))
+
+
+# --------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------
 
@@ -421,6 +546,7 @@ _REGISTRY: dict[str, Callable[..., Feature]] = {
     "positive_sentiment": positive_sentiment,
     "offensive": offensive,
     "python_compiles": python_compiles,
+    "learned_reward": learned_reward,
 }
 
 
