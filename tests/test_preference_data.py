@@ -193,3 +193,15 @@ def test_fdpo_with_tv_is_refused_by_name():
   c.divergence = "tv"
   with pytest.raises(config_lib.ConfigError, match="config.divergence: f-DPO with tv"):
     tasks.describe(c)
+
+
+@pytest.mark.slow
+def test_the_script_rebuilds_the_shipped_files_byte_for_byte(request, tmp_path):
+  """About 20 s of sampling on 2 cores: `pytest -m slow` only."""
+  if "slow" not in (request.config.getoption("markexpr") or ""):
+    pytest.skip("samples ~6,400 continuations; run with -m slow")
+  from fdiv_jax.data import make_preferences  # pylint: disable=g-import-not-at-top
+  make_preferences.build(str(tmp_path), seed=0, log=lambda *_: None)
+  for name in preference_data.SHIPPED.values():
+    with open(tmp_path / name, "rb") as f, open(preference_data.shipped(name), "rb") as g:
+      assert f.read() == g.read(), name
