@@ -302,9 +302,12 @@ def run(config, workdir: str) -> dict[str, Any]:
                               jnp.asarray(train_rows["chosen_tokens"][:1]),
                               jnp.asarray(train_rows["chosen_mask"][:1]),
                               backbone_params)
+  # Constant after a fixed warm-up: the learning rate of a step does not
+  # depend on num_steps, so a run extended with a larger num_steps resumes
+  # exactly where the shorter one stopped.
   tx = optimizer_lib.make_optimizer(optimizer_lib.OptimizerConfig(
       learning_rate=rm.learning_rate, num_steps=rm.num_steps,
-      warmup_steps=min(10, rm.num_steps - 1), max_grad_norm=1.0))
+      lr_schedule="constant", warmup_steps=10, max_grad_norm=1.0))
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
