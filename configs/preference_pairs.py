@@ -22,10 +22,11 @@ Run:
   python -m fdiv_jax.study --config=configs/preference_pairs.py --workdir=/tmp/fdpo \
       --divergences=reverse_kl,forward_kl,js,alpha:0.5 --seeds=0,1,2
 
-The reward model of the same pairs (the first step of RLHF, README "Offline
-preference optimisation"):
+The reward model of the same pairs (the first step of RLHF, README "Preference
+data: offline f-DPO / f-PO, and a reward model for RLHF"; then
+`configs/rlhf_learned_reward.py`):
 
-  python -m fdiv_jax.reward --config=configs/preference_pairs.py --workdir=/tmp/rm
+  python -m fdiv_jax.reward --config=configs/preference_pairs.py --workdir=runs/reward_model
 
 Your own pairs: --config.preference.train_file=pairs.jsonl
 --config.preference.eval_file=heldout.jsonl (one {"prompt", "chosen",
