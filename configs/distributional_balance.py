@@ -29,6 +29,8 @@ seven projections (recipe sized by arithmetic, not measured here; README,
 "Llama, Mistral, Qwen"): the default mesh (one device); the frozen base
 takes 1 GB, the adapters with their Adam moments 0.1 GB, a batch's KV cache
 0.4 GB; λ is fitted on 16,384 samples of the base before training.
+With an instruct checkpoint (Qwen2.5-0.5B-Instruct, Llama-3.2-1B-Instruct) add
+--config.chat_template=True: each prompt becomes a user turn of its chat template.
 
   python -m fdiv_jax.main --config=configs/distributional_balance.py --workdir=/tmp/balance_qwen \
     --config.model.kind=hf --config.model.path=/path/to/Qwen2.5-0.5B \
