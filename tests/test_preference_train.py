@@ -77,6 +77,31 @@ def test_fdpo_resume_is_bit_identical_and_the_reference_cache_is_exact(tmp_path)
   assert (tmp_path / "straight" / "plots" / "preference.png").exists()
 
 
+def test_preference_steps_on_two_devices_match_one_device(subprocess_env):
+  """Two f-DPO (JS) and two f-PO (reverse KL) steps with mesh data=2 on
+  simulated CPU devices against data=1 (tests/multidevice_preference_step.py).
+  The gradient (Adam's first moment) and the metrics agree to float32
+  rounding; the parameters to 5e-6 after moving 2e-4: Adam divides by
+  sqrt(v), so a component whose gradient is exactly 0 in exact arithmetic
+  (GPT-2's key bias) turns rounding noise of ~1e-9 into a step of a few
+  percent of the learning rate (1e-4)."""
+  env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "multidevice_preference_step.py")],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 2
+  for objective in ("fdpo", "fpo"):
+    r = result[objective]
+    assert r["devices_used"] == 2, (objective, r)
+    assert r["moved"] > 1e-4, (objective, r)  # both steps updated π
+    assert r["moments_diff"] <= 1e-7, (objective, r)
+    assert r["params_diff"] <= 5e-6 and r["ema_diff"] <= 5e-6, (objective, r)
+    assert r["metrics_diff"] <= 1e-5, (objective, r)
+    assert r["heldout_diff"] <= 1e-5 and r["heldout_n"] == 6, (objective, r)
+
+
 def test_listwise_fpo_runs_through_the_main_job(tmp_path):
   config = load_config("preference_lists")
   config.num_steps = 2
