@@ -65,14 +65,22 @@ def test_fdpo_resume_is_bit_identical_and_the_reference_cache_is_exact(tmp_path)
               "heldout/accuracy", "heldout/accuracy_se", "heldout/loss",
               "heldout/margin"):
     assert np.isfinite(summary[key]), key
-  # π starts as π_ref: with log π_ref cached, every held-out margin is 0 and
-  # the loss log 2 (the cache and the policy score the same arrays alike).
+  # π starts as π_ref: every held-out margin is exactly 0 (the held-out step
+  # scores π_ref beside π), so the pairs are all ties, the accuracy is chance
+  # (a tie counts ½), not rounding noise, and the loss is log 2.
   with open(os.path.join(straight, "base_heldout.json"), encoding="utf-8") as f:
     base = json.load(f)
-  assert abs(base["loss"] - np.log(2.0)) < 1e-5 and abs(base["margin"]) < 1e-5
+  assert base["margin"] == 0.0 and base["ties"] == 1.0 and base["accuracy"] == 0.5
+  assert abs(base["loss"] - np.log(2.0)) < 1e-6
+  assert summary["heldout/ties"] < 0.1  # trained: margins no longer 0
   with open(os.path.join(straight, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+  # The cache: the first step (π = π_ref) sees log-ratios of rounding size
+  # (the cache and the policy score the same arrays alike).
+  first = next(r for r in rows if r["step"] == 1 and "train/loss" in r)
+  for side in ("chosen", "rejected"):
+    assert abs(first[f"train/log_ratio_{side}"]) < 1e-4, first
   assert {r["step"] for r in rows if "heldout/accuracy" in r} == {0, 4}
   assert (tmp_path / "straight" / "plots" / "preference.png").exists()
 
@@ -109,6 +117,9 @@ def test_listwise_fpo_runs_through_the_main_job(tmp_path):
   assert summary["objective"] == "fpo" and summary["step"] == 2
   # Held-out accuracy: over the ordered pairs r_i > r_j within the 64 lists.
   assert summary["heldout/num_pairs"] > 64
+  with open(tmp_path / "base_heldout.json", encoding="utf-8") as f:
+    base = json.load(f)  # π = π_ref: every implicit reward ties
+  assert base["ties"] == 1.0 and base["accuracy"] == 0.5
   for key in ("alignment", "kl_from_base", "heldout/accuracy", "heldout/loss"):
     assert np.isfinite(summary[key]), key
 
@@ -158,6 +169,16 @@ def test_pairs_to_reward_model_to_fdpg_to_export(tmp_path):
             - np.asarray(r(x["rejected_tokens"], x["rejected_mask"])))
   # (batched differently: a margin within float rounding of 0 may flip)
   assert np.mean(margin > 0) == pytest.approx(summary["heldout/accuracy"], abs=0.011)
+
+
+def test_reward_model_accuracy_counts_a_tie_as_half():
+  from fdiv_jax.run import reward  # pylint: disable=g-import-not-at-top
+  zeros = np.zeros(4, np.float32)  # the untrained model: its head is 0
+  untrained = reward.heldout_figures(zeros, zeros)
+  assert untrained["accuracy"] == 0.5 and untrained["ties"] == 1.0
+  figures = reward.heldout_figures(np.array([1.0, 2.0, 0.0, 0.5]),
+                                   np.array([0.0, 3.0, 0.0, 0.0]))
+  assert figures["accuracy"] == (1 + 0 + 0.5 + 1) / 4 and figures["ties"] == 0.25
 
 
 def test_a_missing_reward_model_is_a_config_error_saying_how_to_train_one(tmp_path):

@@ -15,8 +15,9 @@ of sampling (`experiment.run` hands over to it):
      *ground truth* (e.g. the rule the pairs were labelled by): training never
      sees it, the evaluation reports π's alignment with it;
   3. the data tokenised (`preference_data.encode_pairs` / `encode_lists`) and
-     log π_ref of every response computed once and cached
-     (`preference_step.reference_log_probs`; the step's docstring says why);
+     log π_ref of every training response computed once and cached
+     (`preference_step.reference_log_probs`; the step's docstring says why;
+     the held-out step scores π_ref beside π instead);
   4. `train`: the jitted step (`train.preference_step`, compiled once with
      the mesh's shardings, the batch split over the devices), Orbax
      checkpoints of the whole state with exact resume, SIGINT/SIGTERM saving
@@ -24,7 +25,8 @@ of sampling (`experiment.run` hands over to it):
      metrics.jsonl and TensorBoard, and every `eval_every` steps (and at 0 and
      the end) two evaluations:
        * held-out preferences (``heldout/*``): the loss, the preference
-         accuracy (± its binomial standard error) and the margins of the
+         accuracy (± its binomial standard error; a tie counts ½, so π = π_ref
+         scores exactly 0.5), the fraction tied and the margins of the
          held-out pairs (lists: ordered pairs within lists);
        * fresh samples (``eval/*``), exactly as f-DPG's: each row drawn once
          from π and once from a (`train.eval_step`, the defensive mixture),
@@ -83,14 +85,22 @@ class Arrays:
     return cls(weights=weights.astype(np.float32), **f)
 
 
-def encode(spec, data, model, base_params, tokenizer, score=None) -> Arrays:
-  """Tokenises ``data`` and caches log π_ref of every response."""
+def encode(spec, data, model, base_params, tokenizer, score=None, *,
+           cache_reference: bool = True) -> Arrays:
+  """Tokenises ``data`` and caches log π_ref of every response (with
+  ``cache_reference=False`` zeros instead: the held-out data, whose step
+  scores π_ref itself, `preference_step.make_heldout_step`)."""
   from fdiv_jax.train import preference_step  # pylint: disable=g-import-not-at-top
   n = spec.loop.batch_size
   max_new = spec.sampler.max_new_tokens
   score = score or preference_step.make_reference_scorer(model)
-  ref = lambda p, l, t, m: preference_step.reference_log_probs(
-      model, base_params, p, l, t, m, chunk_size=max(n, 64), score=score)
+
+  def ref(p, l, t, m):
+    if not cache_reference:
+      return np.zeros((t.shape[0],), np.float32)
+    return preference_step.reference_log_probs(
+        model, base_params, p, l, t, m, chunk_size=max(n, 64), score=score)
+
   if isinstance(data, preference_data.PairData):
     x = preference_data.encode_pairs(data, tokenizer, max_new)
     fields = {k: x[k] for k in ("prompts", "prompt_lengths", "chosen_tokens",
@@ -376,7 +386,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_data = encode(spec, pref.train, task.model, task.base_params, task.tokenizer,
                       score)
   heldout = (None if pref.heldout is None else encode(
-      spec, pref.heldout, task.model, task.base_params, task.tokenizer, score))
+      spec, pref.heldout, task.model, task.base_params, task.tokenizer, score,
+      cache_reference=False))
   ref_seconds = time.time() - t_ref
 
   d = pref.config.divergence
@@ -396,7 +407,14 @@ def run(config, workdir: str) -> dict[str, Any]:
             f"{train_data.num_rows} training {unit} ({pref.train.path})"
             + (f", {heldout.num_rows} held out ({pref.heldout.path})" if heldout
                else ", none held out")
-            + f"; log π_ref of every response cached in {ref_seconds:.1f} s.")
+            + f"; log π_ref of every training response cached in "
+            f"{ref_seconds:.1f} s.")
+  cut = train_data.num_cut + (heldout.num_cut if heldout else 0)
+  if cut:  # as the sampler cuts its samples (`preference_data` docstring)
+    bar.write(f"{cut} responses have more than max_new_tokens = "
+              f"{spec.sampler.max_new_tokens} tokens (EOS included): π and π_ref "
+              f"score their first {spec.sampler.max_new_tokens} (summary.json: "
+              f"data/*/responses_cut).")
   if start:
     bar.write(f"Resuming from the checkpoint at step {start} in {workdir}.")
 

@@ -251,10 +251,12 @@ def _backbone(spec: RewardSpec, width: int):
 
 
 def heldout_figures(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict[str, float]:
-  """Held-out Bradley–Terry figures from the rewards of the pairs."""
+  """Held-out Bradley–Terry figures from the rewards of the pairs: the
+  accuracy counts a tie r(y_w) = r(y_l) as ½ (the untrained model, whose head
+  starts at 0, ties every pair: chance, not 0), ``ties`` is their fraction."""
   margin = r_chosen - r_rejected
   n = len(margin)
-  acc = float(np.mean(margin > 0))
+  acc = float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))))
   both = np.concatenate([r_chosen, r_rejected])
   return {"loss": float(np.mean(np.logaddexp(0.0, -margin))),
           "accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n),
@@ -262,7 +264,8 @@ def heldout_figures(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict[str, f
           "margin_se": float(np.std(margin) / math.sqrt(n)),
           "reward_chosen": float(np.mean(r_chosen)),
           "reward_rejected": float(np.mean(r_rejected)),
-          "reward_std": float(np.std(both)), "num_pairs": float(n)}
+          "reward_std": float(np.std(both)), "ties": float(np.mean(margin == 0)),
+          "num_pairs": float(n)}
 
 
 def run(config, workdir: str) -> dict[str, Any]:

@@ -37,10 +37,14 @@ jitted, in fixed-size chunks, float32, no gradient), and fed with each batch
 (`ref_chosen`, `ref_rejected`, `ref`). That saves a third of the work of a
 step (one forward pass of the three: π's forward and backward remain). The
 values are a deterministic function of the data and the base weights, so a
-resumed run recomputes them bit for bit instead of storing them.
+resumed run recomputes them bit for bit instead of storing them. They agree
+with the step's own log π at π = π_ref only to rounding (other shapes, another
+program): the first step's log-ratios are ~1e-6, not 0.
 
 `make_heldout_step` gives the same loss and accuracy on held-out data without
-an update (per-batch sums, for the host to add up; `heldout_summary`).
+an update (per-batch sums, for the host to add up; `heldout_summary`). It
+scores log π_ref itself, beside log π, rather than reading a cache, so that
+π = π_ref gives exact ties (accuracy ½) and not rounding noise.
 """
 
 from __future__ import annotations
@@ -191,12 +195,19 @@ def list_log_probs(model, params, batch: ListBatch) -> Array:
 
 
 def _list_pairs(implicit: Array, rewards: Array, real: Array) -> tuple[Array, Array]:
-  """(ordered pairs i, j of a list with r_i > r_j, both real [B, K, K];
-  those the implicit reward orders correctly)."""
+  """(ordered pairs i, j of a list with r_i > r_j, both real [B, K, K] bool;
+  their score [B, K, K] float32: 1 where the implicit reward orders them
+  alike, ½ where it ties, 0 otherwise)."""
   ordered = ((rewards[:, :, None] > rewards[:, None, :])
              & real[:, :, None] & real[:, None, :])
-  correct = ordered & (implicit[:, :, None] > implicit[:, None, :])
-  return ordered, correct
+  return ordered, jnp.where(ordered, _tie_half(implicit[:, :, None]
+                                               - implicit[:, None, :]), 0.0)
+
+
+def _tie_half(margin: Array) -> Array:
+  """1 for margin > 0, ½ for a tie (margin = 0), 0 otherwise: a policy that
+  cannot tell two responses apart scores chance, not 0."""
+  return jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
 
 
 def preference_loss(config: PreferenceConfig, log_model, batch
@@ -212,7 +223,8 @@ def preference_loss(config: PreferenceConfig, log_model, batch
     (loss, aux): `losses.fdpo_loss`'s or `losses.fpo_loss`'s, rows of weight
     0 masked out; f-PO's aux gains "accuracy" (the fraction of ordered pairs
     r_i > r_j of a list whose implicit rewards β log π/π_ref are ordered the
-    same way), "num_pairs" and "log_ratio" (log π − log π_ref, [B, K]).
+    same way, a tie counting ½), "num_pairs" and "log_ratio" (log π −
+    log π_ref, [B, K]).
   """
   real_rows = batch.weights > 0
   if config.objective == "fdpo":
@@ -225,10 +237,10 @@ def preference_loss(config: PreferenceConfig, log_model, batch
                               batch.rewards / config.reward_temperature,
                               beta=config.beta, mask=real)
   log_ratio = jnp.where(real, log_model - batch.ref, 0.0)
-  ordered, correct = _list_pairs(log_ratio, batch.rewards, real)
+  ordered, score = _list_pairs(log_ratio, batch.rewards, real)
   num_pairs = jnp.sum(ordered)
   aux = dict(aux, log_ratio=log_ratio, num_pairs=num_pairs,
-             accuracy=jnp.sum(correct) / jnp.maximum(num_pairs, 1))
+             accuracy=jnp.sum(score) / jnp.maximum(num_pairs, 1))
   return loss, aux
 
 
@@ -280,15 +292,35 @@ def make_preference_step(config: PreferenceConfig, model
   return step
 
 
+def _with_reference(config: PreferenceConfig, model, base_params, batch):
+  """``batch`` with log π_ref of its responses scored now (adapters off under
+  LoRA), by the very computation that scores π (`_policy_log_probs`)."""
+  ref = lora.base_model_params(model, base_params)
+  if config.objective == "fdpo":
+    chosen, rejected = pair_log_probs(model, ref, batch)
+    return batch.replace(ref_chosen=chosen, ref_rejected=rejected)
+  return batch.replace(ref=jnp.where(batch.response_mask,
+                                     list_log_probs(model, ref, batch), 0.0))
+
+
 def make_heldout_step(config: PreferenceConfig, model) -> Callable[..., Metrics]:
   """``heldout(state, batch) -> sums`` on the evaluated policy (the EMA when
   on), no update: the batch's real rows ``n``, ``loss_sum`` (per-pair /
-  per-prompt losses), and f-DPO ``correct`` (margin > 0), ``margin_sum``,
-  ``margin_sq_sum``, ``chosen_reward_sum``, ``rejected_reward_sum``; f-PO
-  ``pairs`` (ordered pairs r_i > r_j) and ``correct`` (ordered alike by the
-  implicit reward). Add them up over batches with `heldout_summary`."""
+  per-prompt losses), and f-DPO ``correct`` (margin > 0, a tie counting ½),
+  ``ties`` (margin = 0), ``margin_sum``, ``margin_sq_sum``,
+  ``chosen_reward_sum``, ``rejected_reward_sum``; f-PO ``pairs`` (ordered
+  pairs r_i > r_j), ``correct`` (ordered alike by the implicit reward, a tie
+  counting ½) and ``ties``. Add them up over batches with `heldout_summary`.
+
+  log π_ref is not the batch's cache: it is scored here, in the same program,
+  on the same arrays and shapes as log π, so that π = π_ref (step 0) gives
+  margins of exactly 0, accuracy ½, instead of rounding noise of either sign
+  (the cache comes from another program, of other shapes: its values differ
+  from π's in the last bits). One more forward pass per held-out batch.
+  """
 
   def heldout(state: state_lib.FDPGState, batch) -> Metrics:
+    batch = _with_reference(config, model, state.base_params, batch)
     params = state_lib.evaluated_params(state)
     log_model = _policy_log_probs(config, model, state.base_params, params, batch)
     _, aux = preference_loss(config, log_model, batch)
@@ -297,16 +329,18 @@ def make_heldout_step(config: PreferenceConfig, model) -> Callable[..., Metrics]
     sums = {"n": jnp.sum(real.astype(jnp.float32)), "loss_sum": jnp.sum(per_row)}
     if config.objective == "fdpo":
       margin = jnp.where(real, aux["margin"], 0.0)
-      sums.update(correct=jnp.sum(real & (aux["margin"] > 0)).astype(jnp.float32),
+      sums.update(correct=jnp.sum(jnp.where(real, _tie_half(aux["margin"]), 0.0)),
+                  ties=jnp.sum(real & (aux["margin"] == 0)).astype(jnp.float32),
                   margin_sum=jnp.sum(margin), margin_sq_sum=jnp.sum(margin ** 2),
                   chosen_reward_sum=jnp.sum(jnp.where(real, aux["chosen_reward"], 0.0)),
                   rejected_reward_sum=jnp.sum(
                       jnp.where(real, aux["rejected_reward"], 0.0)))
     else:
       listed = batch.response_mask & real[:, None]
-      ordered, correct = _list_pairs(aux["log_ratio"], batch.rewards, listed)
+      ordered, score = _list_pairs(aux["log_ratio"], batch.rewards, listed)
       sums.update(pairs=jnp.sum(ordered).astype(jnp.float32),
-                  correct=jnp.sum(correct).astype(jnp.float32))
+                  correct=jnp.sum(score),
+                  ties=jnp.sum(ordered & (score == 0.5)).astype(jnp.float32))
     return sums
 
   return heldout
@@ -315,14 +349,15 @@ def make_heldout_step(config: PreferenceConfig, model) -> Callable[..., Metrics]
 def heldout_summary(objective: str, sums: dict[str, float]) -> dict[str, float]:
   """Held-out figures from summed `make_heldout_step` outputs, with standard
   errors: ``loss``, ``accuracy`` (pairs: of the pairs; lists: of the ordered
-  pairs within lists; binomial error), and for f-DPO ``margin`` (error
-  sd/√n), ``chosen_reward``, ``rejected_reward``; ``num_pairs``."""
+  pairs within lists; a tie counts ½; binomial error), ``ties`` (the fraction
+  tied: 1 at π = π_ref), and for f-DPO ``margin`` (error sd/√n),
+  ``chosen_reward``, ``rejected_reward``; ``num_pairs``."""
   n = max(sums["n"], 1.0)
   out = {"loss": sums["loss_sum"] / n}
   total = sums["n"] if objective == "fdpo" else sums["pairs"]
   acc = sums["correct"] / max(total, 1.0)
   out.update(accuracy=acc, accuracy_se=float(np.sqrt(acc * (1 - acc) / max(total, 1.0))),
-             num_pairs=total)
+             ties=sums.get("ties", 0.0) / max(total, 1.0), num_pairs=total)
   if objective == "fdpo":
     mean = sums["margin_sum"] / n
     var = max(sums["margin_sq_sum"] / n - mean ** 2, 0.0)
