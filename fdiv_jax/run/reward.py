@@ -30,8 +30,8 @@ The workdir receives:
                      mean margin r(y_w) − r(y_l), the spread of the rewards (for
                      choosing β of P = a·exp(r/β)), and the config
 
-Also here: `GroundTruthTarget`, which makes a run report a ground-truth rule
-as its ``alignment`` (``config.ground_truth``; `tasks.build` uses it).
+`GroundTruthTarget` (a ground-truth rule reported as a run's ``alignment``,
+``config.ground_truth``) lives in `targets.ground_truth`; re-exported here.
 """
 
 from __future__ import annotations
@@ -50,48 +50,10 @@ from fdiv_jax.core import _values
 from fdiv_jax.run import preference_data, tasks
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.targets import features as features_lib
+from fdiv_jax.targets.ground_truth import GroundTruthTarget  # noqa: F401
 
 INITS = ("base", "random")
 MODEL_DIR = "model"
-
-
-# ----------------------------------------------------------------------------
-# A ground truth reported as the alignment.
-
-
-@dataclasses.dataclass(frozen=True)
-class GroundTruthTarget:
-  """``target`` (its P, energy, Z) reporting ``ground_truth`` as its alignment.
-
-  For a run whose target is not the thing it should achieve, e.g. RLHF with
-  a learned reward r (P = a·exp(r/β)) where the pairs were labelled by a
-  known rule b: ``alignment`` is b(x), so every evaluation reports
-  E_π[b] ± its error; ``feature_values`` are the target's (r, as
-  ``moment/<name>``) then b. Training is unchanged: ``log_prob`` and
-  ``log_energy`` are the target's.
-  """
-  target: Any
-  ground_truth: features_lib.Feature
-  is_conditional = False
-
-  @property
-  def feature_names(self) -> tuple[str, ...]:
-    return (*self.target.feature_names, self.ground_truth.name)
-
-  def feature_values(self, tokens, mask, context=None):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return jnp.concatenate([self.target.feature_values(tokens, mask, context),
-                            self.ground_truth(tokens, mask, context)[:, None]],
-                           axis=-1)
-
-  def log_energy(self, tokens, mask, context=None):
-    return self.target.log_energy(tokens, mask, context)
-
-  def log_prob(self, tokens, mask, log_base, context=None):
-    return self.target.log_prob(tokens, mask, log_base, context)
-
-  def alignment(self, tokens, mask, context=None):
-    return self.ground_truth(tokens, mask, context)
 
 
 # ----------------------------------------------------------------------------

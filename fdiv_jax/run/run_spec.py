@@ -23,7 +23,7 @@ lora.*                              ``models.LoRAConfig`` (targets resolved
 prompts, prompt_sampling            ``prompts.Prompts``
 target.*                            ``targets.TargetSpec``
 ground_truth                        a feature spec (``targets.features``)
-preference.*                        ``run.preference_data.PreferenceSpec``
+preference.*                        ``run.preference_spec.PreferenceSpec``
                                     (the data files read and checked)
 ==================================  ==========================================
 
@@ -51,7 +51,7 @@ from fdiv_jax import targets as targets_lib
 from fdiv_jax.core import _values, baselines, divergences
 from fdiv_jax.lm import enumeration, models, sampling
 from fdiv_jax.lm.models import lora as lora_lib
-from fdiv_jax.run import preference_data
+from fdiv_jax.run import preference_spec
 from fdiv_jax.run.config import ConfigError
 from fdiv_jax.run.prompts import Prompts
 from fdiv_jax.train import loop as loop_lib
@@ -117,7 +117,7 @@ class RunSpec:
     lora: the LoRA adapters (rank 0 = none; targets resolved).
     export_hf: write the trained policy as a Hugging Face checkpoint.
     preference: offline preference training (``config.preference``:
-      ``run.preference_data.PreferenceSpec``, its data read and checked), or
+      ``run.preference_spec.PreferenceSpec``, its data read and checked), or
       None for f-DPG.
     ground_truth: ``config.ground_truth``, the feature spec every evaluation
       reports as ``alignment`` ("" = the target's own).
@@ -223,7 +223,7 @@ def describe(config) -> RunSpec:
     with _config_errors("ground_truth"):
       targets_lib.features.from_spec(ground_truth, decode=tokenizer.batch_decode,
                                      encode=tokenizer.encode)
-  preference = preference_data.describe(
+  preference = preference_spec.describe(
       c, step=step, tokenizer=tokenizer, max_new_tokens=sampler.max_new_tokens,
       max_positions=model.max_positions)
   if c.exact_metrics:

@@ -219,9 +219,9 @@ def build(spec: RunSpec) -> Task:
         target, model, base_params, spec.prompts, spec.sampler, fit_samples,
         min(fit_samples, spec.loop.eval_batch_size),
         jax.random.fold_in(jax.random.PRNGKey(spec.loop.seed), 2))
-  if spec.ground_truth:  # reported as `alignment`: run.reward.GroundTruthTarget
-    from fdiv_jax.run import reward  # pylint: disable=g-import-not-at-top
-    target = reward.GroundTruthTarget(target, targets_lib.features.from_spec(
+  if spec.ground_truth:  # reported as `alignment`
+    from fdiv_jax.targets import ground_truth  # pylint: disable=g-import-not-at-top
+    target = ground_truth.GroundTruthTarget(target, targets_lib.features.from_spec(
         spec.ground_truth, decode=tokenizer.batch_decode, encode=tokenizer.encode))
   if spec.prompts.is_conditional:
     target = targets_lib.ConditionalTarget(target)
