@@ -188,6 +188,22 @@ def test_bad_preference_settings_are_config_errors(preference, message):
   assert str(e.value).startswith(message), str(e.value)
 
 
+def test_a_prompt_past_the_model_positions_is_an_error_naming_its_line(tmp_path):
+  """The demo model has 128 positions: a 100-byte prompt (101 tokens with BOS)
+  + 48 new tokens does not fit, and is refused, never cut."""
+  long = dict(PAIR, prompt="x" * 100)
+  path = write_lines(tmp_path / "p.jsonl", [json.dumps(PAIR), json.dumps(long),
+                                            json.dumps(PAIR)])
+  with pytest.raises(config_lib.ConfigError) as e:
+    tasks.describe(_pairs_config(eval_file=path))
+  message = str(e.value)
+  assert message.startswith(f"config.preference.eval_file: {path}:2: "), message
+  assert "101 tokens" in message and "128 positions" in message, message
+  c = _pairs_config(eval_file=path)
+  c.max_new_tokens = 27  # 101 + 27 = 128: fits
+  assert tasks.describe(c).preference.heldout.prompts[1] == "x" * 100
+
+
 def test_fdpo_with_tv_is_refused_by_name():
   c = _pairs_config()
   c.divergence = "tv"

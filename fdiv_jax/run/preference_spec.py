@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-from fdiv_jax.run.preference_data import (ListData, PairData, file_digest,
-                                          longest_prompt, read)
+from fdiv_jax.run.preference_data import ListData, PairData, file_digest, read
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,18 +106,23 @@ def describe(c, *, step, tokenizer, max_new_tokens: int,
   for field, found in data.items():
     if found is None:
       continue
+    longest, longest_line = 0, 0
     for number, texts in enumerate(_texts(found), start=1):
-      for text in texts:
+      for i, text in enumerate(texts):
         try:
-          tokenizer.encode(text)
+          ids = tokenizer.encode(text)
         except ValueError as e:
           raise _config_error(f"preference.{field}", f"{found.path}:{number}: the "
                               f"tokenizer cannot encode {text!r:.60}: {e}") from e
-    longest = longest_prompt(found, tokenizer)
+        if i == 0 and 1 + len(ids) > longest:  # the prompt, BOS included
+          longest, longest_line = 1 + len(ids), number
+    # Responses are cut at max_new_tokens (as the sampler cuts its samples);
+    # a prompt is never cut: one too long for the model is an error.
     if max_positions is not None and longest + max_new_tokens > max_positions:
       raise _config_error(
-          f"preference.{field}", f"its longest prompt ({longest} tokens, BOS "
-          f"included) + max_new_tokens {max_new_tokens} exceeds the model's "
-          f"{max_positions} positions; lower max_new_tokens.")
+          f"preference.{field}", f"{found.path}:{longest_line}: the prompt has "
+          f"{longest} tokens (BOS included); with max_new_tokens {max_new_tokens} "
+          f"that exceeds the model's {max_positions} positions; shorten the "
+          f"prompt or lower max_new_tokens.")
   return PreferenceSpec(config, data["train_file"], data["eval_file"],
                         file_digest(section.train_file))
