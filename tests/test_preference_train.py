@@ -171,6 +171,26 @@ def test_pairs_to_reward_model_to_fdpg_to_export(tmp_path):
   assert np.mean(margin > 0) == pytest.approx(summary["heldout/accuracy"], abs=0.011)
 
 
+def test_the_reward_model_resumes_bit_for_bit_when_extended(tmp_path):
+  """4 steps straight and 2 + an extended run to 4 in the same workdir: the
+  same checkpoint at 4, every array (parameters, AdamW moments, step)."""
+  from fdiv_jax.run import reward  # pylint: disable=g-import-not-at-top
+  config = load_config("preference_pairs")
+  config.reward_model.eval_every = config.reward_model.checkpoint_every = 2
+  straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+  config.reward_model.num_steps = 4
+  summary = reward.run(config, straight)
+  config.reward_model.num_steps = 2
+  reward.run(config, halves)
+  config.reward_model.num_steps = 4
+  assert reward.run(config, halves)["step"] == summary["step"] == 4
+  a = read_checkpoint(os.path.join(straight, "checkpoints"), 4)
+  b = read_checkpoint(os.path.join(halves, "checkpoints"), 4)
+  assert sorted(a) == sorted(b) and any("head" in k for k in a)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key, strict=True)
+
+
 def test_reward_model_accuracy_counts_a_tie_as_half():
   from fdiv_jax.run import reward  # pylint: disable=g-import-not-at-top
   zeros = np.zeros(4, np.float32)  # the untrained model: its head is 0
