@@ -9,8 +9,9 @@ quickstart's 15 words; `configs/quickstart.py`).
 Task. π starts from π_ref = a (frozen) and minimises the f-PO loss
 (`losses.fpo_loss`, Han et al. 2024): per list, D_f(π̂_θ‖π̂*) between
 π̂_θ ∝ π_θ^β·π_ref^(1−β) and π̂* ∝ π_ref·exp(r/T), both restricted to the K
-responses, with the f of `divergence` (reverse KL: the DPO family; forward KL:
-EXO) and T = `preference.reward_temperature`. The target (the same rule as a
+responses, with the f of `divergence` (forward KL: the DPO family, a listwise
+soft-label DPO; reverse KL: EXO's KL(π̂_θ‖π̂*); docs/mathematics.md) and
+T = `preference.reward_temperature`. The target (the same rule as a
 pointwise constraint) is the ground truth of the evaluation only; every
 evaluation reports π's alignment with it on fresh samples, KL(π‖π_ref), the
 divergences to p, the diversity and the held-out accuracy (the fraction of
@@ -19,8 +20,8 @@ log π/π_ref orders the same way).
 
 Run:
 
-  python -m fdiv_jax.main --config=configs/preference_lists.py --workdir=/tmp/fpo
-  python -m fdiv_jax.main --config=configs/preference_lists.py --workdir=/tmp/exo \
+  python -m fdiv_jax.main --config=configs/preference_lists.py --workdir=/tmp/exo
+  python -m fdiv_jax.main --config=configs/preference_lists.py --workdir=/tmp/fpo_dpo \
       --config.divergence=forward_kl
 
 Your own lists: --config.preference.train_file=lists.jsonl
@@ -42,7 +43,7 @@ def get_config(size: str = "") -> ml_collections.ConfigDict:
   """The f-PO config; ``size`` "tiny" shrinks it for tests."""
   c = config_lib.base_config()
   c.seed = 0
-  c.divergence = "reverse_kl"
+  c.divergence = "reverse_kl"     # EXO's direction; forward_kl: the DPO family
   c.num_steps = 200
   c.batch_size = 16               # lists per step (64 responses)
   c.max_new_tokens = 48           # the data's responses: 48 bytes at most
