@@ -46,6 +46,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fdiv_jax.run.prompts import read_text_lines
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "data")
 # The shipped preference set (`fdiv_jax/data/make_preferences.py`).
@@ -94,30 +96,10 @@ class ListData:
 
 def _rows(path: str, what: str) -> Iterator[tuple[int, dict]]:
   """(line number, object) of each line of a JSONL file; errors name both."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise ValueError(f"{what} file {path}: cannot be read ({e.strerror or e}).") from e
-  if data.startswith(b"\xef\xbb\xbf"):
-    data = data[3:]
-  lines = data.split(b"\n")
-  if lines[-1] == b"":  # the newline that ends the last line
-    lines.pop()
-  if not lines:
-    raise ValueError(f"{what} file {path}: holds no row (it is empty); write one "
-                     f"JSON object per line.")
-  for number, raw in enumerate(lines, start=1):
-    raw = raw[:-1] if raw.endswith(b"\r") else raw
+  for number, text in read_text_lines(
+      path, what=what, unit="row",
+      empty_line="every line is one JSON object (remove the line)"):
     where = f"{path}:{number}"
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start} of "
-                       f"the line).") from e
-    if not text.strip():
-      raise ValueError(f"{where}: empty line; every line is one JSON object "
-                       f"(remove the line).")
     try:
       row = json.loads(text)
     except json.JSONDecodeError as e:

@@ -19,8 +19,7 @@ builds the same global batch, and a resumed run the same batches as before.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +28,46 @@ from fdiv_jax.lm import sampling
 from fdiv_jax.train import state as state_lib
 
 SAMPLING = ("cycle", "random")
+
+
+def read_text_lines(path: str, *, what: str, unit: str, empty_line: str
+                    ) -> Iterator[tuple[int, str]]:
+  """(line number, text) of each line of a UTF-8 text file, 1-based.
+
+  A BOM, the newline that ends the last line and a CR before each newline are
+  dropped. Used by the prompts file and the preference JSONL files.
+
+  Raises:
+    ValueError: naming the file, and the line where there is one: the file
+      cannot be read or holds no line (``"<what> file <path>: holds no
+      <unit> ..."``), a line is not valid UTF-8, or is empty or blank
+      (``"<path>:<n>: empty line; <empty_line>."``).
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ValueError(f"{what} file {path}: cannot be read ({e.strerror or e}).") from e
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]
+  lines = data.split(b"\n")
+  if lines[-1] == b"":  # the newline that ends the last line
+    lines.pop()
+  if not lines:
+    raise ValueError(f"{what} file {path}: holds no {unit} (it is empty); "
+                     f"write one {unit} per line.")
+  for number, raw in enumerate(lines, start=1):
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(
+          f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start} of the "
+          f"line: {raw[max(e.start - 8, 0):e.start + 8]!r}); {what} files are "
+          f"UTF-8 text.") from e
+    if not text.strip():
+      raise ValueError(f"{path}:{number}: empty line; {empty_line}.")
+    yield number, text
 
 
 def read_prompts(path: str) -> tuple[str, ...]:
@@ -44,32 +83,10 @@ def read_prompts(path: str) -> tuple[str, ...]:
       character, an empty line, or no line at all; the message names the file
       and, when there is one, the line (1-based).
   """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise ValueError(f"prompts file {path}: cannot be read ({e.strerror or e}).") from e
-  if data.startswith(b"\xef\xbb\xbf"):
-    data = data[3:]
-  lines = data.split(b"\n")
-  if lines[-1] == b"":  # the newline that ends the last line
-    lines.pop()
-  if not lines:
-    raise ValueError(f"prompts file {path}: holds no prompt (it is empty); "
-                     f"write one prompt per line.")
   prompts = []
-  for number, raw in enumerate(lines, start=1):
-    raw = raw[:-1] if raw.endswith(b"\r") else raw
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise ValueError(
-          f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start} of the "
-          f"line: {raw[max(e.start - 8, 0):e.start + 8]!r}); prompts files are "
-          f"UTF-8 text.") from e
-    if not text.strip():
-      raise ValueError(f"{path}:{number}: empty line; every line of a prompts "
-                       f"file is a prompt (remove the line).")
+  for number, text in read_text_lines(
+      path, what="prompts", unit="prompt",
+      empty_line="every line of a prompts file is a prompt (remove the line)"):
     if "\0" in text:
       raise ValueError(f"{path}:{number}: holds a NUL character; prompts files "
                        f"are text.")
