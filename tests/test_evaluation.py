@@ -64,3 +64,18 @@ def test_diversity_and_samples_come_from_the_evaluation_samples(tmp_path):
   base_part, trained_part = text.split("**Trained**", 1)
   assert "love is all" in base_part and "love is all" not in trained_part.split(
       "## 2.")[0]
+
+
+def test_a_negative_divergence_is_flagged_beyond_its_error_not_for_rounding():
+  ok = {"ess_target": 1.0, "zero_z_contexts": 0.0}
+  flags = lambda **m: evaluation.coverage_flags(  # noqa: E731
+      {**ok, **m}, 1024, {}, ["kl_from_base", "js"])
+  # KL(a‖a) of a base-model row: float32 rounding of log π − log a, seen as
+  # −5.3e-7 ± 2.6e-7 on the quickstart (seed 2): not a coverage problem.
+  assert flags(kl_from_base=-5.3e-7, kl_from_base_se=2.6e-7) == []
+  assert flags(js=0.01, js_se=0.02) == []
+  assert flags(js=-0.01, js_se=0.02) == []           # within 2 SE
+  (flag,) = flags(js=-0.05, js_se=0.01)              # 5 SE below 0
+  assert flag.startswith("js = -0.05 ± 0.01 is below 0 beyond its error")
+  (flag,) = flags(kl_from_base=-3e-5, kl_from_base_se=1e-6)
+  assert flag.startswith("kl_from_base = -3e-05")
