@@ -118,13 +118,25 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """
   batch, length, heads, dim = q.shape
   kv_heads = k.shape[1]
-  q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("btkgd,bksd->bkgts", q, k,
+  groups = heads // kv_heads
+  # The queries of each key/value head as one block of G·T rows, [B, KV, G·T,
+  # Dh], so that both products are plain batched matrix products with the
+  # cache as the right operand (as in gpt2.attend). Written as one einsum
+  # over q [B, T, KV, G, Dh] ("btkgd,bksd->bkgts"), XLA's CPU backend made
+  # the cache the left operand, giving scores [B, KV, S, G] that it then
+  # transposed to [.., G, S] and back for the second product: a decode step
+  # cost twice what reading the cache costs (benchmarks/decode.py).
+  q = q.reshape(batch, length, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, kv_heads, groups * length, dim)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k,
                       preferred_element_type=jnp.float32) * (dim ** -0.5)
+  scores = scores.reshape(batch, kv_heads, groups, length, -1)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", weights, v)
-  return out.reshape(batch, length, heads, dim)
+  weights = weights.reshape(batch, kv_heads, groups * length, -1)
+  out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
+  out = out.reshape(batch, kv_heads, groups, length, dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
 
 
 class Attention(nn.Module):
