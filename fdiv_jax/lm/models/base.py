@@ -121,3 +121,44 @@ def check_length(length: int, limit: Optional[int], what: str = "sequence"):
     raise ValueError(
         f"{what} length {length} exceeds the model's maximum number of "
         f"positions ({limit}).")
+
+
+def empty_kv_cache(batch_size: int, max_length: int, num_layers: int,
+                   kv_heads: int, head_dim: int, dtype, limit: Optional[int]):
+  """The zero cache of an attention model, heads-major (what ``init_cache``
+  returns for GPT-2 and the Llama family).
+
+  ``{"layers": ((k, v) [B, KV, S, Dh] per layer), "mask": bool [B, S],
+  "index": int32 []}`` with S = ``max_length``: keys/values in the layout both
+  attention products read directly (no transpose of the cache per decode
+  step), which grows along S as the sampler requires (module docstring).
+
+  Raises:
+    ValueError: ``max_length`` exceeds ``limit``, the model's positions.
+  """
+  check_length(max_length, limit, "cache")
+  shape = (batch_size, kv_heads, max_length, head_dim)
+  layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(num_layers))
+  return {"layers": layers,
+          "mask": jnp.zeros((batch_size, max_length), dtype=bool),
+          "index": jnp.zeros((), dtype=jnp.int32)}
+
+
+def decode_masks(cache, attention_mask: Array, length: int
+                 ) -> Tuple[Array, Array, Array]:
+  """The masks of a ``decode`` call appending ``length`` tokens at
+  ``cache["index"]``.
+
+  Returns:
+    ``(key_mask bool [B, S]`` (the cache's mask with ``attention_mask``
+    written at the new columns), ``query_cols int32 [T]`` (the cache columns
+    of the new tokens), ``mask bool [B, T, S]``: query t sees column s iff
+    ``s <= index + t`` and ``key_mask[s]``).
+  """
+  index = cache["index"]
+  key_mask = jax.lax.dynamic_update_slice(
+      cache["mask"], attention_mask.astype(bool), (0, index))
+  query_cols = index + jnp.arange(length)
+  causal = jnp.arange(key_mask.shape[1])[None, :] <= query_cols[:, None]
+  return key_mask, query_cols, causal[None] & key_mask[:, None, :]

@@ -320,14 +320,10 @@ class DecoderLM(nn.Module):
 
   def init_cache(self, batch_size: int, max_length: int):
     """Empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
-    base.check_length(max_length, self.max_positions, "cache")
     cfg = self.config
-    shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
-    layers = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-                   for _ in range(cfg.num_hidden_layers))
-    return {"layers": layers,
-            "mask": jnp.zeros((batch_size, max_length), dtype=bool),
-            "index": jnp.zeros((), dtype=jnp.int32)}
+    return base.empty_kv_cache(batch_size, max_length, cfg.num_hidden_layers,
+                               cfg.num_key_value_heads, cfg.head_dim, cfg.dtype,
+                               self.max_positions)
 
   def decode(self, tokens: Array, positions: Array, attention_mask: Array,
              cache) -> Tuple[Array, Any]:
@@ -343,13 +339,8 @@ class DecoderLM(nn.Module):
     """
     index = cache["index"]
     length = tokens.shape[1]
-    cache_len = cache["mask"].shape[1]
-    key_mask = jax.lax.dynamic_update_slice(
-        cache["mask"], attention_mask.astype(bool), (0, index))
-    query_cols = index + jnp.arange(length)
-    key_cols = jnp.arange(cache_len)
-    mask = key_cols[None, :] <= query_cols[:, None]
-    mask = mask[None] & key_mask[:, None, :]
+    key_mask, query_cols, mask = base.decode_masks(cache, attention_mask, length)
+    key_cols = jnp.arange(key_mask.shape[1])
     cos, sin = rotary_cos_sin(self.config, positions)
     hidden, layers = self._run_blocks(
         self.embed_tokens(tokens), self._masks(mask, query_cols, key_cols),

@@ -271,14 +271,9 @@ class GPT2LM(nn.Module):
 
   def init_cache(self, batch_size: int, max_length: int):
     """Empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
-    base.check_length(max_length, self.max_positions, "cache")
     cfg = self.config
-    shape = (batch_size, cfg.n_head, max_length, cfg.head_dim)
-    layers = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-                   for _ in range(cfg.n_layer))
-    return {"layers": layers,
-            "mask": jnp.zeros((batch_size, max_length), dtype=bool),
-            "index": jnp.zeros((), dtype=jnp.int32)}
+    return base.empty_kv_cache(batch_size, max_length, cfg.n_layer, cfg.n_head,
+                               cfg.head_dim, cfg.dtype, self.max_positions)
 
   def decode(self, tokens: Array, positions: Array, attention_mask: Array,
              cache) -> Tuple[Array, Any]:
@@ -293,12 +288,7 @@ class GPT2LM(nn.Module):
     """
     index = cache["index"]
     length = tokens.shape[1]
-    cache_len = cache["mask"].shape[1]
-    key_mask = jax.lax.dynamic_update_slice(
-        cache["mask"], attention_mask.astype(bool), (0, index))
-    query_cols = index + jnp.arange(length)
-    mask = jnp.arange(cache_len)[None, :] <= query_cols[:, None]
-    mask = mask[None] & key_mask[:, None, :]
+    key_mask, _, mask = base.decode_masks(cache, attention_mask, length)
     x = self._embed(tokens, positions)
     layers = []
     for block, kv in zip(self.h, cache["layers"]):
