@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from fdiv_jax.lm.models import base
+from fdiv_jax.lm.models import fusion_barrier
 
 Array = jax.Array
 
@@ -250,6 +251,7 @@ class GPT2LM(nn.Module):
     x = self._embed(tokens, positions)
     for block in self.h:
       x, _ = block(x, mask)
+      x = fusion_barrier.residual_barrier(x)
     return self.ln_f(x)
 
   def unembed(self, hidden: Array) -> Array:
