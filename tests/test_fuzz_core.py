@@ -24,7 +24,7 @@ Properties (one test each):
   `test_masked_rows_change_nothing`: for non-NaN inputs the loss and its
   gradient in log π are finite (log P = −inf, log Ẑ = −inf, |ℓ| up to 2e4, any
   mask, on- and off-policy with π = 0 rows) and the project's optimiser
-  (`train.make_optimizer`: `optax.apply_if_finite` outermost) applies the
+  (`train.make_optimizer`: `skip_if_not_finite` outermost) applies the
   update; a NaN in a row the loss reads gives a NaN loss and a NaN gradient,
   and the optimiser leaves the parameters unchanged and counts it in
   `total_notfinite`; rows off the mask change neither value nor gradient,
@@ -544,7 +544,7 @@ def _losses_and_grads(log_model, log_proposal, log_target, log_z, baseline, mask
   return out
 
 
-# The project's optimiser: apply_if_finite ∘ clip ∘ AdamW, as the train step has it.
+# The project's optimiser: skip_if_not_finite ∘ clip ∘ AdamW, as the train step has it.
 @functools.cache
 def _optimizer():
   from fdiv_jax.train import optimizer as optimizer_lib
@@ -1231,7 +1231,11 @@ def test_baselines_are_finite(case):
       others = m.sum() - m[i]
       want = (terms.sum() - terms[i]) / others if others else 0.0
       scale = np.abs(terms).sum() / max(others, 1)
-      assert abs(loo[step, i] - want) <= 64 * eps(dtype) * scale + 1e-300, (
+      # XLA:CPU flushes subnormal results to zero: a reward·weight below the
+      # smallest normal number reads 0 (found: 1.2e-38 · e^-1 in float32),
+      # so each of the n terms may be off by up to `tiny`.
+      slack = n * float(np.finfo(dtype).tiny)
+      assert abs(loo[step, i] - want) <= 64 * eps(dtype) * scale + slack, (
           step, i, loo[step, i], want)
     if m.sum() == 1:          # a single real sample: no other to average
       assert loo[step][m][0] == 0.0
