@@ -27,6 +27,10 @@ The vocabulary is the leading axis of every chunk, so the reductions over it
 are element-wise vector operations (5x faster than the same reduction over the
 minor axis on XLA:CPU). Measured on the reference config (2 CPU cores, T =
 2048, V = 50257, D = 128): forward 3.2x faster than ``logsumexp(h @ W.T)``.
+Chunks of 1024 rows: the gradient is 1.15x faster than with 256 at T = 2048,
+D = 128 and at GPT-2 small's T = 512, D = 768 (1.11x; 2048 rows gain no more),
+the forward 1.05-1.15x; the chunk's two [C, T] float32 arrays take 16 MB at
+T = 2048.
 
 Results agree with ``jax.nn.log_softmax(h @ W.T + b)`` to float32 rounding
 (the sum over the vocabulary is merely associated differently).
@@ -42,7 +46,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_SIZE = 1024
 
 
 def _logit_dtype(kernel: Array):
@@ -50,15 +54,27 @@ def _logit_dtype(kernel: Array):
   return jnp.promote_types(kernel.dtype, jnp.float32)
 
 
-def _chunks(kernel: Array, bias: Optional[Array], chunk_size: int):
-  """Splits W [V, D] (and b [V]) into ``n`` full chunks [n, C, D] and a rest."""
-  vocab = kernel.shape[0]
+def _chunking(vocab: int, chunk_size: int):
+  """``(size, n)``: ``n`` full chunks of ``size`` rows, then ``vocab − n·size``
+  rows left over."""
   size = min(chunk_size, vocab)
-  n = vocab // size
-  full = (kernel[:n * size].reshape(n, size, -1),
-          None if bias is None else bias[:n * size].reshape(n, size))
-  rest = (kernel[n * size:], None if bias is None else bias[n * size:])
-  return full, rest, n * size
+  return size, vocab // size
+
+
+def _chunk(kernel: Array, bias: Optional[Array], start, size: int):
+  """Rows ``start .. start + size − 1`` of W (and b), read in place: a
+  ``dynamic_slice`` of the whole kernel, where reshaping its first ``n·size``
+  rows into [n, C, D] copied the whole output layer (V·D floats) on every
+  call."""
+  kernel_c = jax.lax.dynamic_slice_in_dim(kernel, start, size, axis=0)
+  bias_c = (None if bias is None
+            else jax.lax.dynamic_slice_in_dim(bias, start, size, axis=0))
+  return kernel_c, bias_c
+
+
+def _rest(kernel: Array, bias: Optional[Array], split: int):
+  """The rows after the last full chunk (fewer than ``chunk_size``)."""
+  return kernel[split:], None if bias is None else bias[split:]
 
 
 def _chunk_logits(kernel_c: Array, bias_c: Optional[Array], hidden: Array,
@@ -86,16 +102,17 @@ def _logsumexp(hidden: Array, kernel: Array, bias: Optional[Array],
     safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     running_sum = (running_sum * jnp.exp(running_max - safe_max)
                    + jnp.sum(jnp.exp(z - safe_max), axis=0))
-    return (new_max, running_sum), None
+    return new_max, running_sum
 
   num_tokens = hidden.shape[0]
   dtype = _logit_dtype(kernel)
   carry = (jnp.full((num_tokens,), -jnp.inf, dtype),
            jnp.zeros((num_tokens,), dtype))
-  full, rest, _ = _chunks(kernel, bias, chunk_size)
-  carry, _ = jax.lax.scan(merge, carry, full)
-  if rest[0].shape[0]:
-    carry, _ = merge(carry, rest)
+  size, n = _chunking(kernel.shape[0], chunk_size)
+  carry = jax.lax.fori_loop(
+      0, n, lambda i, c: merge(c, _chunk(kernel, bias, i * size, size)), carry)
+  if kernel.shape[0] > n * size:
+    carry = merge(carry, _rest(kernel, bias, n * size))
   running_max, running_sum = carry
   return jnp.where(jnp.isfinite(running_max),
                    running_max + jnp.log(running_sum), running_max)
@@ -145,20 +162,37 @@ def _gradients(hidden, kernel, bias, tokens, lse, g, temperature, chunk_size):
         "ct,cd->dt", weighted, kernel_c.astype(dtype))
     grad_kernel_c = -jnp.einsum("ct,td->cd", weighted, h32)
     grad_bias_c = None if bias_c is None else -jnp.sum(weighted, axis=1)
-    return grad_hidden_t, (grad_kernel_c, grad_bias_c)
+    return grad_hidden_t, grad_kernel_c, grad_bias_c
 
-  full, rest, split = _chunks(kernel, bias, chunk_size)
+  def write(buffers, start, grad_kernel_c, grad_bias_c):
+    grad_kernel, grad_bias = buffers
+    grad_kernel = jax.lax.dynamic_update_slice_in_dim(grad_kernel,
+                                                      grad_kernel_c, start, 0)
+    if grad_bias is not None:
+      grad_bias = jax.lax.dynamic_update_slice_in_dim(grad_bias, grad_bias_c,
+                                                      start, 0)
+    return grad_kernel, grad_bias
+
+  def step(i, carry):
+    grad_hidden_t, buffers = carry
+    start = i * size
+    grad_hidden_t, grad_kernel_c, grad_bias_c = chunk_grads(
+        grad_hidden_t, _chunk(kernel, bias, start, size))
+    return grad_hidden_t, write(buffers, start, grad_kernel_c, grad_bias_c)
+
+  # Each chunk writes its rows of the [V, D] gradient in place (a loop-carried
+  # buffer), so the gradient is never re-assembled from stacked chunks.
+  size, n = _chunking(kernel.shape[0], chunk_size)
+  buffers = (jnp.zeros(kernel.shape, dtype),
+             None if bias is None else jnp.zeros(bias.shape, dtype))
   grad_hidden_t = jnp.zeros(hidden.shape[::-1], dtype)
-  grad_hidden_t, (grad_kernel, grad_bias) = jax.lax.scan(chunk_grads,
-                                                         grad_hidden_t, full)
-  grad_kernel = grad_kernel.reshape(split, -1)
-  if bias is not None:
-    grad_bias = grad_bias.reshape(split)
-  if rest[0].shape[0]:
-    grad_hidden_t, (rest_kernel, rest_bias) = chunk_grads(grad_hidden_t, rest)
-    grad_kernel = jnp.concatenate([grad_kernel, rest_kernel], axis=0)
-    if bias is not None:
-      grad_bias = jnp.concatenate([grad_bias, rest_bias], axis=0)
+  grad_hidden_t, buffers = jax.lax.fori_loop(0, n, step,
+                                             (grad_hidden_t, buffers))
+  if kernel.shape[0] > n * size:
+    grad_hidden_t, grad_kernel_c, grad_bias_c = chunk_grads(
+        grad_hidden_t, _rest(kernel, bias, n * size))
+    buffers = write(buffers, n * size, grad_kernel_c, grad_bias_c)
+  grad_kernel, grad_bias = buffers
   # The one-hot part: + g_t / τ at (t, x_t).
   # (Clipped indices: an out-of-range pad off the mask has g = 0, not NaN.)
   chosen_rows = jnp.take(kernel, tokens, axis=0, mode="clip").astype(dtype)
