@@ -1,5 +1,6 @@
 """The optimiser: its settings are checked, and its clipping never zeroes a step."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -50,3 +51,40 @@ def test_settings_are_checked(field, value, text):
   with pytest.raises(ValueError) as e:
     optimizer.OptimizerConfig(**{field: value})
   assert str(e.value).startswith(text), str(e.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_all_finite_finds_one_bad_entry_in_a_large_leaf(bad, dtype):
+  # Entries near the top of the range: x·0 stays 0, no spurious overflow.
+  tree = {"big": jnp.full((4096, 300), 3e38, dtype),
+          "small": jnp.ones((3,), dtype)}
+  check = jax.jit(optimizer.all_finite)
+  assert bool(check(tree))
+  for leaf in ("big", "small"):
+    broken = dict(tree)
+    broken[leaf] = tree[leaf].reshape(-1).at[-2].set(bad).reshape(
+        tree[leaf].shape)
+    assert not bool(check(broken)), leaf
+
+
+def test_skip_if_not_finite_behaves_as_optax_apply_if_finite():
+  # A run of gradients with NaN / inf, long enough to pass
+  # max_consecutive_errors (then the bad update is applied, as in optax).
+  inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1))
+  ours = optimizer.skip_if_not_finite(inner, max_consecutive_errors=2)
+  ref = optax.apply_if_finite(inner, max_consecutive_errors=2)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
+  state_ours, state_ref = ours.init(params), ref.init(params)
+  assert jax.tree.structure(state_ours) == jax.tree.structure(state_ref)
+  rows = [1.0, np.nan, 2.0, np.inf, -np.inf, np.nan, -np.inf, 0.5]
+  for i, value in enumerate(rows):
+    grads = {"w": jnp.full((2, 3), 0.3 * i).at[1, 2].set(value),
+             "b": jnp.full((3,), -0.2)}
+    up_ours, state_ours = jax.jit(ours.update)(grads, state_ours, params)
+    up_ref, state_ref = jax.jit(ref.update)(grads, state_ref, params)
+    for a, b in zip(jax.tree.leaves((up_ours, state_ours)),
+                    jax.tree.leaves((up_ref, state_ref))):
+      np.testing.assert_array_equal(a, b, err_msg=f"gradient {i}")
+  assert int(state_ours.total_notfinite) == 5
+  assert int(optimizer.skipped_updates(state_ours)) == 5

@@ -95,12 +95,65 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def all_finite(tree) -> jax.Array:
+  """bool scalar: no leaf of ``tree`` holds a NaN or ±inf.
+
+  Tested as ``isfinite(Σ_leaves Σ x·0)``: x·0 is 0 for a finite x and NaN for
+  NaN or ±inf, and a float sum passes NaN on. One float reduction per leaf,
+  where ``all(isfinite(x))`` reduces a boolean array, which XLA:CPU does in
+  several passes: 4.7x slower at GPT-2 small's embedding (50257 x 768), 0.1 s
+  of a 124M-parameter update. (``max(|x|)`` would not do: XLA:CPU's max
+  reduction can drop a NaN.)
+  """
+  leaves = jax.tree.leaves(tree)
+  total = sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves)
+  return jnp.isfinite(jnp.asarray(total, jnp.float32))
+
+
+def skip_if_not_finite(inner: optax.GradientTransformation,
+                       max_consecutive_errors: int
+                       ) -> optax.GradientTransformation:
+  """``optax.apply_if_finite(inner, max_consecutive_errors)`` with the
+  finiteness test of ``all_finite``.
+
+  Same behaviour and the same state (``optax.ApplyIfFiniteState``, so
+  checkpoints and ``skipped_updates`` are unchanged): an update whose
+  gradient holds a NaN or ±inf is rejected (zero update, inner state kept) and
+  counted in ``notfinite_count`` (consecutive) and ``total_notfinite``; after
+  more than ``max_consecutive_errors`` consecutive rejections it is applied.
+  """
+
+  def init(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params))
+
+  def update(updates, state, params=None):
+    finite = all_finite(updates)
+    notfinite_count = jnp.where(finite, 0,
+                                optax.safe_increment(state.notfinite_count))
+    new_updates, inner_state = jax.lax.cond(
+        finite | (notfinite_count > max_consecutive_errors),
+        lambda: inner.update(updates, state.inner_state, params),
+        lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
+    total = jnp.where(finite, state.total_notfinite,
+                      optax.safe_increment(state.total_notfinite))
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=notfinite_count, last_finite=finite,
+        total_notfinite=total, inner_state=inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping, a schedule, accumulation and a finite guard.
 
   Layers, outermost first:
-    optax.apply_if_finite   a gradient with a NaN/inf is skipped (not applied,
-                            not accumulated) and counted in `total_notfinite`;
+    skip_if_not_finite      a gradient with a NaN/inf is skipped (not applied,
+                            not accumulated) and counted in `total_notfinite`
+                            (`optax.apply_if_finite`, with a faster test);
     optax.MultiSteps        accumulates `grad_accum_steps` micro-batch gradients
                             (one per train step) and updates on the last;
     clip_by_global_norm (overflow-safe) → adamw(schedule).
@@ -114,9 +167,9 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   if config.grad_accum_steps > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=config.grad_accum_steps)
   # A large error budget: skipping is reported in the metrics, never fatal here.
-  return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+  return skip_if_not_finite(inner, max_consecutive_errors=1_000_000)
 
 
 def skipped_updates(opt_state) -> int:
-  """The `total_notfinite` counter of `optax.apply_if_finite` (outermost)."""
+  """The `total_notfinite` counter of `skip_if_not_finite` (outermost)."""
   return opt_state.total_notfinite
