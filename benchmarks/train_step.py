@@ -38,8 +38,11 @@ attention scores, at most 33 columns here, are left out): sampling and scoring
 a are one forward each, the gradient of log π three (forward + backward) with
 full fine-tuning and two under LoRA (no weight gradients of the frozen base).
 
-Anchor (same 2-core machine): the PyTorch toolkit disco-generation takes 26.7 s per
-step as shipped (2.4 samples/s), 4.3 s (15 samples/s) with its scoring fixed.
+Anchor: ``benchmarks/torch_anchor.py`` runs the same step in PyTorch (Hugging
+Face ``generate``, one forward of a, forward + backward of π, AdamW); run the two
+side by side. Earlier, not side by side on the same 2-core machine: the PyTorch
+toolkit disco-generation took 26.7 s per step as shipped (2.4 samples/s), 4.3 s
+(15 samples/s) with its scoring fixed.
 
   python benchmarks/train_step.py [--model reference|gpt2-small|qwen2.5-0.5b]
       [--lora 16] [--batch 64] [--new_tokens 32] [--steps 10] [--layers 4]

@@ -17,7 +17,8 @@ Everything here takes typed objects (`StepConfig`, `OptimizerConfig`,
 from fdiv_jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from fdiv_jax.train.eval_step import EvalSamples, make_eval_step
 from fdiv_jax.train.loop import LoopConfig, TrainResult, train
-from fdiv_jax.train.optimizer import OptimizerConfig, make_optimizer
+from fdiv_jax.train.optimizer import (OptimizerConfig, all_finite,
+                                      make_optimizer, skip_if_not_finite)
 from fdiv_jax.train.sharding import (jit_eval_step, jit_train_step, make_mesh,
                                      maybe_initialize_distributed, shard_batch,
                                      shard_state, state_shardings)
@@ -27,7 +28,7 @@ from fdiv_jax.train.step import StepConfig, make_train_step
 __all__ = [
     "Batch", "CheckpointError", "Checkpointer", "EvalSamples", "FDPGState",
     "LoopConfig", "OptimizerConfig", "PreemptionGuard", "StepConfig", "TrainResult",
-    "create_state", "jit_eval_step", "jit_train_step", "make_eval_step", "make_mesh",
+    "all_finite", "create_state", "jit_eval_step", "jit_train_step", "make_eval_step", "make_mesh",
     "make_optimizer", "make_train_step", "maybe_initialize_distributed",
-    "shard_batch", "shard_state", "state_shardings", "train",
+    "shard_batch", "shard_state", "skip_if_not_finite", "state_shardings", "train",
 ]
