@@ -13,7 +13,8 @@
 #
 # The 8 minutes hold by construction: each configuration is its own process
 # under `timeout` with its share of a 470 s budget (and never more than what is
-# left of it); one that runs out prints "(stopped: its N s share of the budget)"
+# left of it; 5 s more to kill one that ignores the signal, the device query
+# at most 30 s of the budget); one that runs out prints "(stopped: its N s share of the budget)"
 # and the next one runs. Every line says how long it took, the last line the
 # total. Each configuration being its own process, every peak-memory figure is
 # its own. A configuration that fails (e.g. out of memory) prints its error and
@@ -46,7 +47,7 @@ run() {
   fi
   echo "   [$(( SECONDS - t0 )) s]"
 }
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+timeout 30 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 if [ "${1:-}" = "--quick" ]; then
   run 120 benchmarks/train_step.py --model reference --batch 8 --new_tokens 8 --steps 1
   run 120 benchmarks/train_step.py --model gpt2-small --batch 2 --new_tokens 4 --steps 1 --lora 16

@@ -17,7 +17,8 @@ This is what disco-generation does once its scoring is fixed to one forward per
 model (its shipped version re-scores token by token); its code is not used
 here (CC BY-NC-SA): only the shape of the computation is the same. The model is
 ``transformers.GPT2LMHeadModel`` with random weights in float32 (the cost does
-not depend on the values), on ``torch.get_num_threads()`` threads.
+not depend on the values) and no dropout (as ``GPT2LM``), on
+``torch.get_num_threads()`` threads.
 
   python benchmarks/torch_anchor.py [--model gpt2-small|reference]
       [--batch 16] [--new_tokens 32] [--steps 3]
@@ -77,7 +78,11 @@ def main():
   args = parser.parse_args()
   batch = args.batch or DEFAULT_BATCH[args.model]
   torch.manual_seed(0)
-  config = transformers.GPT2Config(vocab_size=50257, **SHAPES[args.model])
+  # No dropout: GPT2Config's default 0.1 would add mask work that our GPT2LM
+  # (no dropout) does not do.
+  config = transformers.GPT2Config(vocab_size=50257, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0,
+                                   **SHAPES[args.model])
   policy = transformers.GPT2LMHeadModel(config)
   base = copy.deepcopy(policy).eval().requires_grad_(False)
   optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)

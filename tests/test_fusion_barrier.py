@@ -42,6 +42,10 @@ def test_identity_in_value_and_gradient():
   w = jax.random.normal(jax.random.PRNGKey(2), x.shape)
   grad = jax.grad(lambda y: jnp.sum(w * fusion_barrier.residual_barrier(y)))(x)
   np.testing.assert_array_equal(grad, w)
+  # Forward mode too (a custom_jvp, not a custom_vjp).
+  primal, tangent = jax.jvp(fusion_barrier.residual_barrier, (x,), (w,))
+  np.testing.assert_array_equal(primal, x)
+  np.testing.assert_array_equal(tangent, w)
   # A non-finite first element takes the other (identity) branch.
   x = x.at[0, 0, 0].set(jnp.nan)
   np.testing.assert_array_equal(jax.jit(fusion_barrier.residual_barrier)(x), x)

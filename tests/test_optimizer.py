@@ -88,3 +88,23 @@ def test_skip_if_not_finite_behaves_as_optax_apply_if_finite():
       np.testing.assert_array_equal(a, b, err_msg=f"gradient {i}")
   assert int(state_ours.total_notfinite) == 5
   assert int(optimizer.skipped_updates(state_ours)) == 5
+
+
+def test_skip_if_not_finite_passes_extra_arguments_on():
+  # An inner transformation that reads an extra argument (`value`, as
+  # optax.contrib.reduce_on_plateau does) works as under optax's guard.
+  inner = optax.chain(optax.sgd(1.0),
+                      optax.contrib.reduce_on_plateau(patience=0, factor=0.5))
+  params = {"w": jnp.ones((2,))}
+  ours = optimizer.skip_if_not_finite(inner, 3)
+  ref = optax.apply_if_finite(inner, 3)
+  state_ours, state_ref = ours.init(params), ref.init(params)
+  for value in (3.0, 2.0, 2.5, 2.7, 2.9):
+    grads = {"w": jnp.ones((2,))}
+    up_ours, state_ours = ours.update(grads, state_ours, params,
+                                      value=jnp.asarray(value))
+    up_ref, state_ref = ref.update(grads, state_ref, params,
+                                   value=jnp.asarray(value))
+    np.testing.assert_array_equal(up_ours["w"], up_ref["w"])
+  # The plateau was seen: the step is no longer sgd's -1.
+  assert float(up_ours["w"][0]) > -1.0

@@ -112,16 +112,18 @@ def all_finite(tree) -> jax.Array:
 
 def skip_if_not_finite(inner: optax.GradientTransformation,
                        max_consecutive_errors: int
-                       ) -> optax.GradientTransformation:
+                       ) -> optax.GradientTransformationExtraArgs:
   """``optax.apply_if_finite(inner, max_consecutive_errors)`` with the
   finiteness test of ``all_finite``.
 
-  Same behaviour and the same state (``optax.ApplyIfFiniteState``, so
-  checkpoints and ``skipped_updates`` are unchanged): an update whose
-  gradient holds a NaN or ±inf is rejected (zero update, inner state kept) and
-  counted in ``notfinite_count`` (consecutive) and ``total_notfinite``; after
-  more than ``max_consecutive_errors`` consecutive rejections it is applied.
+  Same behaviour, state (``optax.ApplyIfFiniteState``, so checkpoints and
+  ``skipped_updates`` are unchanged) and extra arguments (passed on to
+  ``inner``): an update whose gradient holds a NaN or ±inf is rejected (zero
+  update, inner state kept) and counted in ``notfinite_count`` (consecutive)
+  and ``total_notfinite``; after more than ``max_consecutive_errors``
+  consecutive rejections it is applied.
   """
+  inner = optax.with_extra_args_support(inner)
 
   def init(params):
     return optax.ApplyIfFiniteState(
@@ -130,13 +132,13 @@ def skip_if_not_finite(inner: optax.GradientTransformation,
         total_notfinite=jnp.zeros([], jnp.int32),
         inner_state=inner.init(params))
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, **extra_args):
     finite = all_finite(updates)
     notfinite_count = jnp.where(finite, 0,
                                 optax.safe_increment(state.notfinite_count))
     new_updates, inner_state = jax.lax.cond(
         finite | (notfinite_count > max_consecutive_errors),
-        lambda: inner.update(updates, state.inner_state, params),
+        lambda: inner.update(updates, state.inner_state, params, **extra_args),
         lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
     total = jnp.where(finite, state.total_notfinite,
                       optax.safe_increment(state.total_notfinite))
@@ -144,7 +146,7 @@ def skip_if_not_finite(inner: optax.GradientTransformation,
         notfinite_count=notfinite_count, last_finite=finite,
         total_notfinite=total, inner_state=inner_state)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
